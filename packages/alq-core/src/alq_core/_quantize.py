@@ -1,0 +1,258 @@
+"""Bucketing, scales, stochastic rounding with injected noise, and dequantization.
+
+The arithmetic here is the contract every backend reproduces bit for bit:
+
+* input is converted to float32 (float16 exactly; float64 rounds to nearest);
+* a bucket's L2 scale is ``float32(sqrt(sum(float64(x)**2)))``; its L-inf scale
+  is ``max(|x|)`` (exact in float32);
+* clipping (optional): ``t = float32(clip * std64(x))`` with the population std
+  computed in float64, ``x = min(max(x, -t), t)``, then the scale of the clipped
+  bucket;
+* ``v = x / s`` in float32 (correctly rounded division); ``v = 0`` where
+  ``s == 0``; ``v`` clamped to ``[-1, 1]``;
+* ``j`` = number of interior levels ``levels[1:-1] <= v``;
+* ``p = (v - levels[j]) / (levels[j+1] - levels[j])`` in float32;
+* ``code = j + 1`` if ``u < p`` else ``j``, with ``u`` the float32 noise in [0, 1);
+* dequantized value ``s * levels[code]`` in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._config import QuantizerConfig
+from ._levels import validate_levels
+
+#: Elements processed per block, so intermediates stay in cache.
+_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized gradient: what goes on the wire, before packing.
+
+    Attributes
+    ----------
+    codes : ndarray of uint8, shape (m,)
+        Level indices in ``[0, L)`` of the ``m = config.num_quantized(n)``
+        quantized coordinates.
+    scales : ndarray of float32, shape (config.num_buckets(n),)
+        One scale per quantized bucket; NaN marks a non-finite bucket.
+    tail : ndarray of float32, shape (n - m,)
+        Coordinates sent exactly (``tail='full'`` or the ``fp32`` method).
+    n : int
+        Element count.
+    config : QuantizerConfig
+        How it was quantized.
+    shape : tuple of int
+        Shape of the original array (``(n,)`` after :func:`alq_core.decode`).
+    """
+
+    codes: NDArray[np.uint8]
+    scales: NDArray[np.float32]
+    tail: NDArray[np.float32]
+    n: int
+    config: QuantizerConfig
+    shape: tuple[int, ...]
+
+    @property
+    def nonfinite_buckets(self) -> int:
+        """Number of buckets marked non-finite (NaN scale)."""
+        return int(np.count_nonzero(np.isnan(self.scales)))
+
+
+def _as_float32(x: ArrayLike, name: str = "x") -> NDArray[np.float32]:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        msg = f"`{name}` must be a real floating-point array (float16/32/64); got dtype {arr.dtype}"
+        raise TypeError(msg)
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr.reshape(-1), dtype=np.float32)
+
+
+def bucket_scales(x: NDArray[np.float32], config: QuantizerConfig) -> NDArray[np.float32]:
+    """Per-bucket scales of a flat float32 array, before clipping.
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (k * config.bucket_size + r,)
+        Coordinates to be quantized (the tail bucket of ``r`` coordinates counts
+        when ``r > 0``).
+
+    Returns
+    -------
+    ndarray of float32, shape (ceil(len(x) / bucket_size),)
+    """
+    d = config.bucket_size
+    out = np.empty(-(-x.size // d), dtype=np.float32)
+    for b0 in range(0, out.size, max(1, _BLOCK // d)):
+        b1 = min(out.size, b0 + max(1, _BLOCK // d))
+        seg = x[b0 * d : b1 * d]
+        full = seg.size // d
+        parts = [seg[: full * d].reshape(full, d)] if full else []
+        vals = [_scale_rows(p, config.norm) for p in parts]
+        if seg.size % d:
+            vals.append(_scale_rows(seg[full * d :].reshape(1, -1), config.norm))
+        out[b0:b1] = np.concatenate(vals)
+    return out
+
+
+def _scale_rows(rows: NDArray[np.float32], norm: str) -> NDArray[np.float32]:
+    if norm == "linf":
+        return np.max(np.abs(rows), axis=1)
+    r64 = rows.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return np.sqrt(np.einsum("ij,ij->i", r64, r64)).astype(np.float32)
+
+
+def _clip_rows(rows: NDArray[np.float32], clip: float) -> NDArray[np.float32]:
+    std = rows.astype(np.float64).std(axis=1, keepdims=True)
+    t = (clip * std).astype(np.float32)
+    return np.minimum(np.maximum(rows, -t), t)
+
+
+def _round_block(
+    v: NDArray[np.float32], u: NDArray[np.float32], levels: NDArray[np.float32], gaps: NDArray[np.float32]
+) -> NDArray[np.uint8]:
+    j = np.searchsorted(levels[1:-1], v, side="right")
+    p = (v - levels[j]) / gaps[j]
+    return (j + (u < p)).astype(np.uint8)
+
+
+def _noise(m: int, noise: ArrayLike | None, rng: np.random.Generator | None) -> NDArray[np.float32]:
+    if noise is not None:
+        if rng is not None:
+            msg = "pass either `noise` or `rng`, not both"
+            raise ValueError(msg)
+        u = np.asarray(noise)
+        if u.dtype != np.float32:
+            u = u.astype(np.float32)
+        u = u.reshape(-1)
+        if u.size != m:
+            msg = f"`noise` must hold one uniform value per quantized coordinate ({m}); got {u.size}"
+            raise ValueError(msg)
+        if m and not (float(u.min()) >= 0.0 and float(u.max()) < 1.0):
+            msg = "`noise` values must lie in [0, 1); draw them with rng.random(n, dtype=np.float32)"
+            raise ValueError(msg)
+        return u
+    gen = rng if rng is not None else np.random.default_rng()
+    if not isinstance(gen, np.random.Generator):
+        msg = f"`rng` must be a numpy.random.Generator; got {type(gen).__name__}"
+        raise TypeError(msg)
+    return gen.random(m, dtype=np.float32)
+
+
+def quantize(
+    x: ArrayLike,
+    levels: ArrayLike | None,
+    config: QuantizerConfig,
+    *,
+    noise: ArrayLike | None = None,
+    rng: np.random.Generator | None = None,
+) -> QuantizedTensor:
+    """Quantize an array bucket by bucket with unbiased stochastic rounding.
+
+    Parameters
+    ----------
+    x : array_like of float16, float32 or float64, any shape
+        The gradient; flattened in C order.
+    levels : array_like, shape (L,), or None
+        The level table (validated); ignored (may be None) for ``fp32``.
+    config : QuantizerConfig
+    noise : array_like of float32, shape (config.num_quantized(x.size),), optional
+        Uniform noise in [0, 1), one value per quantized coordinate, in order.
+    rng : numpy.random.Generator, optional
+        Draws the noise as ``rng.random(m, dtype=np.float32)`` when ``noise`` is
+        not given; a fresh unseeded generator when neither is.
+
+    Returns
+    -------
+    QuantizedTensor
+    """
+    if not isinstance(config, QuantizerConfig):
+        msg = f"`config` must be a QuantizerConfig; got {type(config).__name__}"
+        raise TypeError(msg)
+    arr = np.asarray(x)
+    shape = tuple(arr.shape)
+    flat = _as_float32(arr)
+    n = flat.size
+    m = config.num_quantized(n)
+    if not config.quantized:
+        empty_c = np.zeros(0, dtype=np.uint8)
+        return QuantizedTensor(empty_c, np.zeros(0, np.float32), flat.copy(), n, config, shape)
+    table = validate_levels(levels, num_levels=config.num_levels) if levels is not None else None
+    if table is None:
+        msg = f"method {config.method!r} needs a level table; got None"
+        raise ValueError(msg)
+    u = _noise(m, noise, rng)
+    body = flat[:m]
+    scales = bucket_scales(body, config)
+    bad = ~np.isfinite(scales)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        if config.nonfinite == "raise":
+            msg = (
+                f"bucket {first} (coordinates {first * config.bucket_size}.."
+                f"{min(m, (first + 1) * config.bucket_size) - 1}) holds NaN or Inf "
+                f"({int(bad.sum())} such buckets); pass nonfinite='propagate' to mark them instead"
+            )
+            raise ValueError(msg)
+    codes = np.empty(m, dtype=np.uint8)
+    gaps = np.diff(table)
+    d = config.bucket_size
+    per = max(1, _BLOCK // d)
+    for b0 in range(0, scales.size, per):
+        b1 = min(scales.size, b0 + per)
+        lo, hi = b0 * d, min(m, b1 * d)
+        seg = body[lo:hi]
+        s = scales[b0:b1]
+        if config.clip is not None:
+            seg = _clip_segment(seg, d, config.clip)
+            s = bucket_scales(seg, config)
+            scales[b0:b1] = s
+        bad_el = np.repeat(bad[b0:b1], d)[: seg.size]
+        s_el = np.repeat(s, d)[: seg.size]
+        ok = ~bad_el & (s_el != 0)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            v = np.where(ok, seg / np.where(ok, s_el, np.float32(1)), np.float32(0))
+        np.clip(v, table[0], table[-1], out=v)
+        codes[lo:hi] = _round_block(v, u[lo:hi], table, gaps)
+        codes[lo:hi][bad_el] = 0
+    scales[bad] = np.float32(np.nan)
+    tail = flat[m:].copy()
+    return QuantizedTensor(codes, scales, tail, n, config, shape)
+
+
+def _clip_segment(seg: NDArray[np.float32], d: int, clip: float) -> NDArray[np.float32]:
+    full = seg.size // d
+    out = np.empty_like(seg)
+    if full:
+        out[: full * d] = _clip_rows(seg[: full * d].reshape(full, d), clip).reshape(-1)
+    if seg.size % d:
+        out[full * d :] = _clip_rows(seg[full * d :].reshape(1, -1), clip).reshape(-1)
+    return out
+
+
+def dequantize(q: QuantizedTensor, levels: ArrayLike | None) -> NDArray[np.float32]:
+    """Rebuild the array: ``scale * levels[code]`` per coordinate, exact tail appended.
+
+    Returns
+    -------
+    ndarray of float32, shape ``q.shape``
+    """
+    config = q.config
+    if not config.quantized:
+        return q.tail.reshape(q.shape).copy()
+    table = validate_levels(levels, num_levels=config.num_levels) if levels is not None else None
+    if table is None:
+        msg = f"method {config.method!r} needs the level table to dequantize; got None"
+        raise ValueError(msg)
+    m = q.codes.size
+    s_el = np.repeat(q.scales, config.bucket_size)[:m]
+    out = np.empty(q.n, dtype=np.float32)
+    out[:m] = s_el * table[q.codes]
+    out[m:] = q.tail
+    return out.reshape(q.shape)
