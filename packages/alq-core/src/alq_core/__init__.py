@@ -9,6 +9,7 @@ from ._config import QuantizerConfig
 from ._levels import (
     default_levels,
     exponential_levels,
+    min_multiplier,
     quantile_levels,
     ternary_levels,
     uniform_levels,
@@ -48,6 +49,7 @@ __all__ = [
     "encode",
     "encode_header",
     "exponential_levels",
+    "min_multiplier",
     "pack_codes",
     "packed_size",
     "payload_size",

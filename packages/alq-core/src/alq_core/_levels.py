@@ -16,6 +16,8 @@ from ._config import QuantizerConfig
 
 MIN_LEVELS = 2
 MAX_LEVELS = 256
+#: Smallest innermost level an exponential table may have (float32's smallest normal number).
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _check_bits(bits: object) -> int:
@@ -43,7 +45,24 @@ def exponential_levels(bits: int, p: float) -> NDArray[np.float32]:
         raise ValueError(msg)
     s = 2 ** (bits - 1) - 1
     mags = float(p) ** np.arange(s, -1, -1, dtype=np.float64)  # p**s ... 1, ascending
-    return validate_levels(np.concatenate([-mags[::-1], mags]))
+    try:
+        return validate_levels(np.concatenate([-mags[::-1], mags]))
+    except ValueError:
+        msg = (
+            f"`p` = {p!r} is too small for {bits} bits: p**{s} = {float(p) ** s:.3g} underflows float32 "
+            f"and levels collide; use p >= {min_multiplier(bits):.4g}"
+        )
+        raise ValueError(msg) from None
+
+
+def min_multiplier(bits: int) -> float:
+    """A ``p`` above which the exponential table at ``bits`` stays in float32's normal range.
+
+    Smaller multipliers may still work (subnormal levels, as NUQSGD's ``p = 1/2``
+    at 8 bits) until levels round to the same float32 value.
+    """
+    s = 2 ** (_check_bits(bits) - 1) - 1
+    return float(_TINY ** (1.0 / s) * (1 + 1e-12)) if s else 0.0
 
 
 def ternary_levels() -> NDArray[np.float32]:

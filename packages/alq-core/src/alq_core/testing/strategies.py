@@ -1,0 +1,91 @@
+"""Hypothesis strategies for alq-core and its backends (import needs ``hypothesis``).
+
+Ranges are kept meaningful: gradients are finite float32 with magnitudes from
+1e-30 to 1e30, buckets from 1 to a few thousand coordinates, level tables
+strictly increasing in float32 with ±1 ends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from .._config import QuantizerConfig
+from .._levels import default_levels, exponential_levels, min_multiplier, uniform_levels, validate_levels
+from .._methods import METHODS
+
+bits = st.integers(min_value=1, max_value=8)
+quantized_methods = st.sampled_from([m for m, s in METHODS.items() if s.quantized])
+methods = st.sampled_from(list(METHODS))
+
+
+@st.composite
+def configs(
+    draw: st.DrawFn,
+    method: st.SearchStrategy[str] = quantized_methods,
+    max_bucket: int = 300,
+) -> QuantizerConfig:
+    """A valid :class:`QuantizerConfig` with a small bucket (so tails are common)."""
+    return QuantizerConfig(
+        method=draw(method),
+        bits=draw(bits),
+        bucket_size=draw(st.integers(1, max_bucket)),
+        norm=draw(st.sampled_from(["auto", "l2", "linf"])),
+        tail=draw(st.sampled_from(["quantize", "full"])),
+        clip=draw(st.sampled_from(["auto", None, 1.0, 2.5])),
+    )
+
+
+@st.composite
+def level_tables(draw: st.DrawFn, num_levels: int) -> np.ndarray:
+    """An arbitrary valid float32 table of ``num_levels`` levels (sorted, ±1 ends)."""
+    if num_levels == 2:
+        return validate_levels([-1.0, 1.0])
+    inner = draw(
+        st.lists(
+            st.floats(-0.9990234375, 0.9990234375, width=32),
+            min_size=num_levels - 2,
+            max_size=num_levels - 2,
+            unique=True,
+        )
+    )
+    return validate_levels([-1.0, *sorted(inner), 1.0])
+
+
+@st.composite
+def levels_for(draw: st.DrawFn, config: QuantizerConfig) -> np.ndarray:
+    """A level table that fits ``config``: its default, an exponential one, or arbitrary."""
+    family = config.spec.levels
+    if family in ("ternary", "uniform"):
+        return default_levels(config)
+    multipliers = st.floats(max(0.05, min_multiplier(config.bits)), 0.95)
+    if family == "exponential":
+        return exponential_levels(config.bits, draw(multipliers))
+    return draw(
+        st.one_of(
+            st.just(uniform_levels(config.bits)),
+            multipliers.map(lambda p: exponential_levels(config.bits, p)),
+            level_tables(config.num_levels),
+        )
+    )
+
+
+@st.composite
+def gradients(draw: st.DrawFn, max_size: int = 2000) -> np.ndarray:
+    """A finite float32 gradient: a scale times normal-ish values, with exact zeros mixed in."""
+    n = draw(st.integers(0, max_size))
+    scale = draw(st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e30]))
+    body = draw(
+        hnp.arrays(
+            np.float32,
+            n,
+            elements=st.floats(-4.0, 4.0, width=32),
+        )
+    )
+    return (body * np.float32(scale)).astype(np.float32)
+
+
+def noise_for(n: int) -> st.SearchStrategy[np.ndarray]:
+    """``n`` float32 uniforms in [0, 1), from a drawn seed (fast for large ``n``)."""
+    return st.integers(0, 2**32 - 1).map(lambda s: np.random.default_rng(s).random(n, dtype=np.float32))
