@@ -1,5 +1,4 @@
 import pytest
-
 from alq_core import METHODS, QuantizerConfig
 
 

@@ -1,7 +1,5 @@
 import numpy as np
 import pytest
-from scipy import stats
-
 from alq_core import (
     QuantizerConfig,
     default_levels,
@@ -11,6 +9,7 @@ from alq_core import (
     uniform_levels,
     validate_levels,
 )
+from scipy import stats
 
 
 def test_uniform_three_bits():

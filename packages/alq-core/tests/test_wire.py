@@ -3,9 +3,6 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from alq_core import (
     HEADER_SIZE,
     PayloadError,
@@ -25,6 +22,8 @@ from alq_core import (
 )
 from alq_core.testing import assert_quantized_equal, reference_pack, reference_unpack
 from alq_core.testing import strategies as S
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @given(bits=S.bits, count=st.integers(0, 200), seed=st.integers(0, 2**32 - 1))
@@ -129,7 +128,7 @@ def test_decode_rejects_corruption(mutate, match):
 
 
 def test_decode_rejects_mismatches():
-    payload, config, levels = _payload()
+    payload, _, levels = _payload()
     with pytest.raises(PayloadError, match=r"encoded with \('qsgd', 3, 16, 'l2', 'quantize'\), expected \('qsgd', 4"):
         decode(payload, config=QuantizerConfig("qsgd", bits=4, bucket_size=16))
     with pytest.raises(PayloadError, match=r"level-table version mismatch: payload has 7, reader has 8"):

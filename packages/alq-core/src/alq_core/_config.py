@@ -51,7 +51,7 @@ class QuantizerConfig:
     bucket_size: int = 8192
     norm: str = "auto"
     tail: str = "quantize"
-    clip: float | None | str = "auto"
+    clip: float | str | None = "auto"
     nonfinite: str = "raise"
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ is float32, so tables are validated after rounding to float32.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray

@@ -1,0 +1,61 @@
+"""Every development task of the ALQ workspace.
+
+``nox -s tests`` runs every package's tests that can run on this machine,
+``nox -s "tests(core)"`` one package; ``nox -s demo`` runs the main job.
+Each session builds its own virtual environment from scratch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = False
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
+PACKAGES = {
+    "core": ["./packages/alq-core[test]"],
+    "torch": ["./packages/alq-core", "./packages/alq-torch[test]"],
+    "cupy": ["./packages/alq-core", "./packages/alq-cupy[test]"],
+}
+TOOLS = ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"]
+
+
+@nox.session(python="3.11")
+@nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Install one package (and what it needs) from scratch and run its tests."""
+    session.install(*CONSTRAINTS, *PACKAGES[package], *TOOLS)
+    session.run("pytest", f"packages/alq-{package}/tests", "-q", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """Ruff: lint every package, the benchmarks and this file."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "packages", "benchmarks", "noxfile.py", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on every package's src/ (configured in pyproject.toml)."""
+    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch", "./packages/alq-cupy", "mypy>=1.10")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark suites; pass e.g. ``-- --benchmark-autosave`` or ``--benchmark-compare``."""
+    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch", "./packages/alq-cupy", *TOOLS)
+    session.run("pytest", "benchmarks", "--benchmark-only", "--benchmark-columns=median,iqr,ops", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def demo(session: nox.Session) -> None:
+    """The main job: all methods at 3 bits on the built-in digits data, table and plots."""
+    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch")
+    session.run("alq-train", *session.posargs)
