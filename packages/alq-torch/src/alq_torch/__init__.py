@@ -1,0 +1,25 @@
+"""alq-torch: adaptive gradient quantization for PyTorch.
+
+Ops bit-exact with :mod:`alq_core` on CPU and CUDA (fused Triton kernels on the
+GPU), and the DDP communication hook. Importing this package never initializes
+CUDA or compiles a kernel.
+"""
+
+from ._quantize import QuantizedTensor, dequantize, quantize
+from ._stats import bucket_stats
+from ._wire import decode, decode_sum, encode, pack_codes, quantize_encode, unpack_codes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedTensor",
+    "bucket_stats",
+    "decode",
+    "decode_sum",
+    "dequantize",
+    "encode",
+    "pack_codes",
+    "quantize",
+    "quantize_encode",
+    "unpack_codes",
+]

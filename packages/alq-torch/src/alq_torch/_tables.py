@@ -1,0 +1,103 @@
+"""Level tables and payload headers, validated on the host and cached per device.
+
+Level tables are tiny (at most 256 float32 values) but every op needs them on
+the input's device, together with their CRC-32 for the payload header. A cache
+keyed by the table's bytes and the device avoids re-validating and re-uploading
+the same table at every call (the DDP hook calls once per bucket per step).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from alq_core import QuantizerConfig, encode_header, table_checksum, validate_levels
+from numpy.typing import NDArray
+
+_LOCK = threading.Lock()
+_MAX_ENTRIES = 64
+
+
+@dataclass(frozen=True, eq=False)
+class LevelTable:
+    """A validated level table and what the kernels derive from it.
+
+    Attributes
+    ----------
+    host : ndarray of float32, shape (L,)
+        The validated table.
+    crc : int
+        :func:`alq_core.table_checksum` of ``host``.
+    levels : Tensor of float32, shape (L,)
+        ``host`` on the target device.
+    lookup : Tensor of float32, shape (2**code_bits,)
+        ``levels`` padded with NaN up to every code value (an out-of-range code
+        decodes to NaN, never to a wrong finite number).
+    """
+
+    host: NDArray[np.float32]
+    crc: int
+    levels: torch.Tensor
+    lookup: torch.Tensor
+
+
+_TABLES: OrderedDict[tuple[bytes, int, str], LevelTable] = OrderedDict()
+_HEADERS: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+
+
+def host_levels(levels: object, config: QuantizerConfig) -> NDArray[np.float32]:
+    """Validate ``levels`` (ndarray, sequence or tensor) against ``config`` on the host."""
+    if levels is None:
+        msg = f"method {config.method!r} needs a level table; got None"
+        raise ValueError(msg)
+    if isinstance(levels, torch.Tensor):
+        arr: object = levels.detach().to("cpu", torch.float64).numpy()
+    else:
+        arr = levels
+    return validate_levels(arr, num_levels=config.num_levels)  # type: ignore[arg-type]
+
+
+def level_table(levels: object, config: QuantizerConfig, device: torch.device) -> LevelTable:
+    """The cached :class:`LevelTable` of ``levels`` for ``config`` on ``device``."""
+    host = host_levels(levels, config)
+    key = (host.tobytes(), config.code_bits, str(device))
+    with _LOCK:
+        hit = _TABLES.get(key)
+        if hit is not None:
+            _TABLES.move_to_end(key)
+            return hit
+    lookup = np.full(1 << config.code_bits, np.nan, dtype=np.float32)
+    lookup[: host.size] = host
+    table = LevelTable(
+        host=host,
+        crc=table_checksum(host),
+        levels=torch.from_numpy(host.copy()).to(device),
+        lookup=torch.from_numpy(lookup).to(device),
+    )
+    with _LOCK:
+        _TABLES[key] = table
+        while len(_TABLES) > _MAX_ENTRIES:
+            _TABLES.popitem(last=False)
+    return table
+
+
+def header_tensor(
+    config: QuantizerConfig, n: int, table_version: int, table_crc: int, device: torch.device
+) -> torch.Tensor:
+    """The 40-byte payload header as a uint8 tensor on ``device`` (cached)."""
+    key = (config.method, config.bits, config.bucket_size, config.norm, config.tail, n, table_version, table_crc, str(device))
+    with _LOCK:
+        hit = _HEADERS.get(key)
+        if hit is not None:
+            _HEADERS.move_to_end(key)
+            return hit
+    raw = encode_header(config, n, table_version=table_version, table_crc=table_crc)
+    head = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+    with _LOCK:
+        _HEADERS[key] = head
+        while len(_HEADERS) > _MAX_ENTRIES:
+            _HEADERS.popitem(last=False)
+    return head

@@ -1,0 +1,494 @@
+"""The wire format on torch tensors: bit packing, payloads, and the fused paths.
+
+Same bytes as :mod:`alq_core._wire`: ``header (40 B) | float32 scales |
+LSB-first packed codes | float32 exact tail``. Headers are built and checked on
+the host (every field derives from the configuration and the level table), so
+decoding a CUDA payload copies only its header bytes to the host.
+
+:func:`quantize_encode` and :func:`decode_sum` are what the DDP hook calls; on
+CUDA they run the Triton kernels of :mod:`alq_torch._kernels` when the
+configuration has a fast path, and a composition of vectorized torch ops
+otherwise (always on CPU).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import alq_core
+import numpy as np
+import torch
+from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, packed_size, payload_size
+
+from ._quantize import (
+    QuantizedTensor,
+    check_config,
+    check_noise,
+    check_tensor,
+    quantize_flat,
+)
+from ._tables import LevelTable, header_tensor, level_table
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    msg = "alq_torch needs a little-endian host: payload floats are written in native byte order"
+    raise ImportError(msg)
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        msg = f"`bits` must be in 1..8; got {bits!r}"
+        raise ValueError(msg)
+    return bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes into an LSB-first bit stream (same bytes as :func:`alq_core.pack_codes`).
+
+    Parameters
+    ----------
+    codes : Tensor of uint8, shape (m,)
+        Values in ``[0, 2**bits)`` (not checked; higher bits are masked off).
+    bits : int
+        1..8.
+
+    Returns
+    -------
+    Tensor of uint8, shape (packed_size(m, bits),), on ``codes``' device
+    """
+    bits = _check_bits(bits)
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 1:
+        msg = f"codes must be a 1-D uint8 tensor; got {getattr(codes, 'shape', type(codes).__name__)}"
+        raise ValueError(msg)
+    m = codes.numel()
+    groups = -(-m // 8)
+    padded = torch.zeros(groups * 8, dtype=torch.int64, device=codes.device)
+    padded[:m] = codes.to(torch.int64) & ((1 << bits) - 1)
+    if bits == 8:
+        return padded.to(torch.uint8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    words = (padded.view(groups, 8) << shifts).sum(dim=1, keepdim=True)  # at most 56 bits: no overflow
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``count`` uint8 codes from ``packed_size(count, bits)`` bytes."""
+    bits = _check_bits(bits)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        msg = f"`packed` must be a uint8 tensor; got {getattr(packed, 'dtype', type(packed).__name__)}"
+        raise TypeError(msg)
+    p = packed.reshape(-1)
+    if p.numel() != packed_size(count, bits):
+        msg = f"{count} codes of {bits} bits need {packed_size(count, bits)} bytes; got {p.numel()}"
+        raise ValueError(msg)
+    if bits == 8:
+        return p[:count].clone()
+    groups = p.numel() // bits
+    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
+    words = (p.view(groups, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
+    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    return ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:count]
+
+
+def _f32_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous().view(torch.uint8)
+
+
+def _check_table_version(table_version: object) -> int:
+    if isinstance(table_version, bool) or not isinstance(table_version, (int, np.integer)):
+        msg = f"`table_version` must be a non-negative integer; got {table_version!r}"
+        raise TypeError(msg)
+    return int(table_version)
+
+
+def encode(q: QuantizedTensor, levels: object = None, *, table_version: int = 0) -> torch.Tensor:
+    """Serialize ``q`` to a payload (same bytes as :func:`alq_core.encode`).
+
+    Returns
+    -------
+    Tensor of uint8, shape (payload_size(q.config, q.n),), on ``q``'s device
+    """
+    if not isinstance(q, QuantizedTensor):
+        msg = f"`q` must be an alq_torch.QuantizedTensor; got {type(q).__name__}"
+        raise TypeError(msg)
+    config = q.config
+    version = _check_table_version(table_version)
+    device = q.tail.device
+    crc = 0
+    if config.quantized:
+        if levels is None:
+            msg = f"encode needs the level table of method {config.method!r} for its checksum; got None"
+            raise ValueError(msg)
+        crc = level_table(levels, config, device).crc
+    parts = [header_tensor(config, q.n, version, crc, device)]
+    if config.quantized:
+        parts.append(_f32_bytes(q.scales))
+        parts.append(pack_codes(q.codes, config.code_bits))
+    parts.append(_f32_bytes(q.tail))
+    out = torch.cat(parts)
+    if out.numel() != payload_size(config, q.n):  # pragma: no cover - internal invariant
+        msg = f"internal error: encoded {out.numel()} bytes, expected {payload_size(config, q.n)}"
+        raise AssertionError(msg)
+    return out
+
+
+def _wire_fields(config: QuantizerConfig) -> tuple[object, ...]:
+    return (config.method, config.bits, config.bucket_size, config.norm, config.tail)
+
+
+def check_header(
+    head: bytes,
+    length: int,
+    *,
+    config: QuantizerConfig | None,
+    levels: object,
+    table_version: int | None,
+    crc: int | None = None,
+) -> tuple[QuantizerConfig, int]:
+    """The core's payload checks, from the header bytes and the payload length alone.
+
+    Returns the configuration to decode with and the element count; raises
+    :class:`alq_core.PayloadError` with the core's messages.
+    """
+    header = alq_core.decode_header(head)
+    cfg, n = header.config, header.count
+    if config is not None and _wire_fields(config) != _wire_fields(cfg):
+        msg = (
+            f"payload was encoded with {_wire_fields(cfg)}, expected {_wire_fields(config)}"
+            " (method, bits, bucket, norm, tail)"
+        )
+        raise PayloadError(msg)
+    if config is not None:
+        cfg = config
+    if table_version is not None and header.table_version != table_version:
+        msg = f"level-table version mismatch: payload has {header.table_version}, reader has {table_version}"
+        raise PayloadError(msg)
+    if levels is not None and cfg.quantized:
+        if crc is None:
+            crc = alq_core.table_checksum(alq_core.validate_levels(_host_array(levels)))
+        if crc != header.table_crc:
+            msg = (
+                f"level-table checksum mismatch (payload {header.table_crc:#010x}):"
+                " sender and reader use different levels"
+            )
+            raise PayloadError(msg)
+    expected = payload_size(cfg, n)
+    if length != expected:
+        kind = "truncated" if length < expected else "oversized"
+        msg = f"payload {kind}: {length} bytes, header says {n} elements which need {expected}"
+        raise PayloadError(msg)
+    return cfg, n
+
+
+def _host_array(levels: object) -> object:
+    if isinstance(levels, torch.Tensor):
+        return levels.detach().to("cpu", torch.float64).numpy()
+    return levels
+
+
+def _check_payload_tensor(payload: object, name: str = "payload") -> torch.Tensor:
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
+        got = f"{payload.dtype} with shape {tuple(payload.shape)}" if isinstance(payload, torch.Tensor) else type(payload).__name__
+        msg = f"`{name}` must be a 1-D uint8 tensor; got {got}"
+        raise TypeError(msg)
+    return payload
+
+
+def decode(
+    payload: torch.Tensor,
+    *,
+    config: QuantizerConfig | None = None,
+    levels: object = None,
+    table_version: int | None = None,
+) -> QuantizedTensor:
+    """Parse a payload tensor into a :class:`QuantizedTensor` of shape ``(n,)`` on its device.
+
+    Same checks, order and messages as :func:`alq_core.decode` (every failure
+    raises :class:`alq_core.PayloadError`). The header is checked on the host
+    from a 40-byte copy; the body checks (negative scales, codes out of range)
+    synchronize once.
+    """
+    payload = _check_payload_tensor(payload)
+    head = payload[:HEADER_SIZE].cpu().numpy().tobytes()
+    cfg, n = check_header(head, payload.numel(), config=config, levels=levels, table_version=table_version)
+    off = HEADER_SIZE
+    m = cfg.num_quantized(n)
+    device = payload.device
+    if cfg.quantized:
+        nb = cfg.num_buckets(n)
+        scales = payload[off : off + 4 * nb].clone().view(torch.float32)
+        off += 4 * nb
+        nbytes = packed_size(m, cfg.code_bits)
+        codes = unpack_codes(payload[off : off + nbytes], cfg.code_bits, m)
+        off += nbytes
+        neg = bool((scales < 0).any()) if nb else False
+        if neg:
+            msg = "payload holds a negative scale: the body is corrupted"
+            raise PayloadError(msg)
+        top = int(codes.max().item()) if m else 0
+        if top >= cfg.num_levels:
+            msg = f"payload holds code {top} but the table has {cfg.num_levels} levels"
+            raise PayloadError(msg)
+    else:
+        scales = torch.zeros(0, dtype=torch.float32, device=device)
+        codes = torch.zeros(0, dtype=torch.uint8, device=device)
+    tail = payload[off:].clone().view(torch.float32)
+    return QuantizedTensor(codes, scales, tail, n, cfg, (n,))
+
+
+def _check_out(out: object, size: int, device: torch.device, dtype: torch.dtype, what: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        msg = f"`out` must be a tensor; got {type(out).__name__}"
+        raise TypeError(msg)
+    if out.dtype != dtype or out.ndim != 1 or out.numel() != size or not out.is_contiguous():
+        msg = (
+            f"`out` must be a contiguous 1-D {dtype} tensor of {size} elements ({what}); "
+            f"got {out.dtype} with shape {tuple(out.shape)}"
+        )
+        raise ValueError(msg)
+    if out.device != device:
+        msg = f"`out` must be on {device}; got {out.device}"
+        raise ValueError(msg)
+    return out
+
+
+def _seed_value(seed: int | None) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        msg = f"`seed` must be a non-negative integer below 2**63, or None; got {seed!r}"
+        raise ValueError(msg)
+    return int(seed)
+
+
+def quantize_encode(
+    x: torch.Tensor,
+    levels: object,
+    config: QuantizerConfig,
+    *,
+    table_version: int = 0,
+    noise: torch.Tensor | np.ndarray | None = None,
+    seed: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize and encode in one call: the sender's fused path.
+
+    Parameters
+    ----------
+    x : Tensor of float16, bfloat16, float32 or float64, shape (n,) (any shape is flattened)
+    levels : Tensor or ndarray of float32, shape (L,), or None for ``fp32``
+    config : QuantizerConfig
+    table_version : int
+        Written into the header.
+    noise : Tensor or ndarray of float32, shape (config.num_quantized(n),), optional
+        Given noise: the bytes equal ``alq_core.encode(alq_core.quantize(x, levels,
+        config, noise=noise), levels, table_version=table_version)``.
+    seed : int, optional
+        Without ``noise``, the noise is generated on the device from ``seed``
+        (deterministic for a given seed, device and path; a fresh seed from
+        torch's default generator when None). CUDA fast path: counter-based
+        Philox (``tl.rand(seed, index)``); elsewhere ``torch.rand`` with a
+        generator seeded by ``seed``.
+    out : Tensor of uint8, shape (payload_size(config, n),), optional
+        Written in place (a view into a bigger buffer is fine) and returned.
+
+    Returns
+    -------
+    Tensor of uint8, shape (payload_size(config, n),), on ``x``'s device
+    """
+    config = check_config(config)
+    version = _check_table_version(table_version)
+    src = check_tensor(x).detach().reshape(-1)
+    if src.dtype == torch.float64:
+        src = src.to(torch.float32)
+    n = src.numel()
+    device = src.device
+    size = payload_size(config, n)
+    if out is not None:
+        out = _check_out(out, size, device, torch.uint8, "the payload")
+    else:
+        out = torch.empty(size, dtype=torch.uint8, device=device)
+    if not config.quantized:
+        out[:HEADER_SIZE].copy_(header_tensor(config, n, version, 0, device))
+        out[HEADER_SIZE:].copy_(_f32_bytes(src))
+        return out
+    table = level_table(levels, config, device)
+    m = config.num_quantized(n)
+    u = None
+    if noise is not None:
+        if seed is not None:
+            msg = "pass either `noise` or `seed`, not both"
+            raise ValueError(msg)
+        u = check_noise(noise, m, device)
+    head = header_tensor(config, n, version, table.crc, device)
+    if device.type == "cuda" or _force_kernels():
+        from . import _kernels
+
+        if _kernels.fused_supported(config):
+            seed_v = _seed_value(seed) if u is None else 0
+            _kernels.quantize_pack(src, table, config, head, out, noise=u, seed=seed_v)
+            if config.nonfinite == "raise":
+                nb = config.num_buckets(n)
+                scales = out[HEADER_SIZE : HEADER_SIZE + 4 * nb].clone().view(torch.float32)
+                bad = torch.isnan(scales)
+                if nb and bool(bad.any()):
+                    raise ValueError(_nonfinite_message(bad, m, config.bucket_size))
+            return out
+    if u is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_seed_value(seed))
+        u = torch.rand(m, dtype=torch.float32, device=device, generator=gen)
+    flat32 = src.to(torch.float32)
+    codes, scales = quantize_flat(flat32, table.levels, config, u)
+    off = HEADER_SIZE
+    out[:off].copy_(head)
+    out[off : off + 4 * scales.numel()].copy_(_f32_bytes(scales))
+    off += 4 * scales.numel()
+    packed = pack_codes(codes, config.code_bits)
+    out[off : off + packed.numel()].copy_(packed)
+    off += packed.numel()
+    out[off:].copy_(_f32_bytes(flat32[m:]))
+    return out
+
+
+def _nonfinite_message(bad: torch.Tensor, m: int, d: int) -> str:
+    from ._quantize import _nonfinite_message as message
+
+    return message(bad, m, d)
+
+
+def _force_kernels() -> bool:
+    """True when Triton kernels should run on CPU tensors (``TRITON_INTERPRET=1``, tests only)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ALQ_TORCH_KERNELS_ON_CPU") == "1"
+
+
+def decode_sum(
+    payloads: torch.Tensor,
+    levels: object,
+    config: QuantizerConfig,
+    n: int,
+    *,
+    table_version: int | None = None,
+    out: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Decode ``W`` payloads and sum them: ``scale * sum_w dequantize(decode(payloads[w]))``.
+
+    Parameters
+    ----------
+    payloads : Tensor of uint8, shape (W, payload_size(config, n))
+    levels : Tensor or ndarray of float32, shape (L,), or None for ``fp32``
+    config : QuantizerConfig
+        Expected wire fields; every header is checked against it, ``n``,
+        ``table_version`` (when given) and the table's checksum, on the host,
+        before anything is summed (mismatch: :class:`alq_core.PayloadError`).
+    n : int
+        Element count of each payload.
+    out : Tensor of float32, shape (n,), optional
+        Written in place and returned.
+    scale : float
+        Factor applied to the sum in float32 (``1/W`` averages).
+
+    Returns
+    -------
+    Tensor of float32, shape (n,), on the payloads' device
+
+    Notes
+    -----
+    The sum runs in float32 in payload order, ``acc = acc + s_w * l[c_w]``,
+    then ``acc * scale``. Body corruption is not checked here (that would
+    synchronize on the whole payload): an out-of-range code decodes to NaN.
+    """
+    config = check_config(config)
+    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
+        got = (
+            f"{payloads.dtype} with shape {tuple(payloads.shape)}"
+            if isinstance(payloads, torch.Tensor)
+            else type(payloads).__name__
+        )
+        msg = f"`payloads` must be a 2-D uint8 tensor (W, payload_size); got {got}"
+        raise TypeError(msg)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        msg = f"`n` must be a non-negative integer element count; got {n!r}"
+        raise ValueError(msg)
+    n = int(n)
+    w_count, length = payloads.shape
+    device = payloads.device
+    table: LevelTable | None = level_table(levels, config, device) if config.quantized else None
+    if w_count == 0:
+        msg = "`payloads` must hold at least one payload; got W = 0"
+        raise ValueError(msg)
+    heads = payloads[:, :HEADER_SIZE].cpu().numpy()
+    for w in range(w_count):
+        try:
+            _, count = check_header(
+                heads[w].tobytes(),
+                length,
+                config=config,
+                levels=table.host if table is not None else None,
+                table_version=table_version,
+                crc=table.crc if table is not None else None,
+            )
+        except PayloadError as exc:
+            msg = f"payload {w} of {w_count}: {exc}"
+            raise PayloadError(msg) from exc
+        if count != n:
+            msg = f"payload {w} of {w_count}: it holds {count} elements, expected n = {n}"
+            raise PayloadError(msg)
+    if out is not None:
+        out = _check_out(out, n, device, torch.float32, "the sum")
+    else:
+        out = torch.empty(n, dtype=torch.float32, device=device)
+    scale32 = float(np.float32(scale))
+    m = config.num_quantized(n)
+    nb = config.num_buckets(n) if config.quantized else 0
+    off_codes = HEADER_SIZE + 4 * nb
+    off_tail = off_codes + packed_size(m, config.code_bits)
+    if config.quantized and m and (device.type == "cuda" or _force_kernels()):
+        from . import _kernels
+
+        if _kernels.decode_supported(config):
+            assert table is not None
+            scales = payloads[:, HEADER_SIZE:off_codes].contiguous().view(torch.float32)
+            _kernels.decode_sum(payloads, scales, table, config, m, off_codes, out, scale32)
+            if n > m:
+                tails = payloads[:, off_tail:].contiguous().view(torch.float32)
+                acc = tails[0].clone()
+                for w in range(1, w_count):
+                    acc = acc + tails[w]
+                out[m:].copy_(acc * scale32 if scale32 != 1.0 else acc)
+            return out
+    acc = None
+    for w in range(w_count):
+        part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    out.copy_(acc * scale32 if scale32 != 1.0 else acc)
+    return out
+
+
+def _dequantize_payload(
+    payload: torch.Tensor,
+    config: QuantizerConfig,
+    table: LevelTable | None,
+    n: int,
+    m: int,
+    nb: int,
+    off_codes: int,
+    off_tail: int,
+) -> torch.Tensor:
+    res = torch.empty(n, dtype=torch.float32, device=payload.device)
+    if m:
+        assert table is not None
+        scales = payload[HEADER_SIZE:off_codes].clone().view(torch.float32)
+        codes = unpack_codes(payload[off_codes:off_tail], config.code_bits, m)
+        d = config.bucket_size
+        counts = torch.full((nb,), d, dtype=torch.int64, device=payload.device)
+        if m % d:
+            counts[-1] = m % d
+        s_el = torch.repeat_interleave(scales, counts, output_size=m)
+        res[:m] = s_el * table.lookup[codes.long()]
+    res[m:] = payload[off_tail:].clone().view(torch.float32)
+    return res
