@@ -5,14 +5,24 @@ GPU), and the DDP communication hook. Importing this package never initializes
 CUDA or compiles a kernel.
 """
 
+from ._hook import ALQState, alq_hook
 from ._quantize import QuantizedTensor, dequantize, quantize
+from ._simulate import SimulatedStep, SimulatedWorkers
 from ._stats import bucket_stats
+from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord
 from ._wire import decode, decode_sum, encode, pack_codes, quantize_encode, unpack_codes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALQState",
+    "BucketRecord",
+    "LevelUpdateRecord",
     "QuantizedTensor",
+    "SimulatedStep",
+    "SimulatedWorkers",
+    "StepRecord",
+    "alq_hook",
     "bucket_stats",
     "decode",
     "decode_sum",

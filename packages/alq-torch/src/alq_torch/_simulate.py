@@ -1,0 +1,277 @@
+"""Simulated data parallelism on one device: the paper's protocol (SPEC section 10).
+
+``K`` simulated workers each compute a gradient on their own mini-batch; every
+gradient is quantized independently with the shared level table and fresh
+noise, dequantized, and the K results are averaged. The optimizer (momentum,
+weight decay) then acts on that average. Level updates fit the statistics of
+the workers' gradients of the step at which they are due (merged exactly
+across workers by concatenating their per-bucket statistics) with
+:class:`alq_core.AdaptiveQuantizer`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import alq_core
+from alq_core import QuantizerConfig
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """What one :meth:`SimulatedWorkers.reduce` call produced.
+
+    Attributes
+    ----------
+    mean : Tensor of float32, shape (n,)
+        ``mean_k dequantize(quantize(grads[k]))`` (the plain mean for ``fp32``).
+    variance : float or None
+        Normalized quantization variance ``mean_k ||Q(g_k) - g_k||^2 / ||g_k||^2``
+        over workers with a nonzero gradient (measured when asked; 0 for ``fp32``).
+    quantize_seconds : float
+        Wall time of quantize + dequantize + average (device synchronized).
+    update_seconds : float
+        Wall time of the level update at this step (statistics + fit), 0 if none.
+    updated : bool
+        True when the level table changed at this step.
+    """
+
+    mean: Tensor
+    variance: float | None
+    quantize_seconds: float
+    update_seconds: float
+    updated: bool
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ops() -> Any:
+    """The alq_torch op module (imported lazily: it imports this module)."""
+    import alq_torch  # noqa: PLC0415
+
+    return alq_torch
+
+
+class SimulatedWorkers:
+    """K simulated workers that quantize their gradients independently and average them.
+
+    Parameters
+    ----------
+    config : alq_core.QuantizerConfig
+        The method, bits, bucket size, norm, clipping.
+    quantizer : alq_core.AdaptiveQuantizer, optional
+        Holds the level table and its update schedule; built with its defaults
+        from ``config`` when omitted. Fixed methods keep their table.
+    device : torch.device or str, optional
+        Where gradients live (default CPU).
+    seed : int, optional
+        Seeds the noise generator (on ``device``); unseeded when omitted.
+    dist_num : int
+        Norm-based statistics keep the ``dist_num`` largest-norm buckets.
+    weights : {"norm", "norm2"}
+        Mixture weights of the norm-based model.
+
+    Examples
+    --------
+    >>> import torch, alq_core
+    >>> sim = SimulatedWorkers(alq_core.QuantizerConfig("nuqsgd", bits=3, bucket_size=64), seed=0)
+    >>> out = sim.reduce(torch.randn(4, 256), step=0, measure=True)
+    >>> out.mean.shape
+    torch.Size([256])
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        *,
+        quantizer: Any | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+        dist_num: int = 50,
+        weights: str = "norm",
+    ) -> None:
+        if not isinstance(config, QuantizerConfig):
+            msg = f"`config` must be an alq_core.QuantizerConfig; got {type(config).__name__}"
+            raise TypeError(msg)
+        if isinstance(dist_num, bool) or not isinstance(dist_num, int) or dist_num < 1:
+            msg = f"`dist_num` must be a positive integer; got {dist_num!r}"
+            raise ValueError(msg)
+        self.config = config
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.quantizer = quantizer if quantizer is not None else alq_core.AdaptiveQuantizer(config)
+        self.dist_num = dist_num
+        self.weights = weights
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        else:
+            self.generator.seed()
+        self._levels_version: int | None = None
+        self._levels: Tensor | None = None
+
+    # ------------------------------------------------------------------ levels
+    @property
+    def levels(self) -> Tensor | None:
+        """The current level table, float32 ``(L,)`` on :attr:`device` (None for ``fp32``)."""
+        if not self.config.quantized:
+            return None
+        version = int(self.quantizer.version)
+        if self._levels is None or self._levels_version != version:
+            self._levels = torch.as_tensor(np.asarray(self.quantizer.levels, dtype=np.float32)).to(self.device)
+            self._levels_version = version
+        return self._levels
+
+    def bits_per_worker(self, n: int) -> int:
+        """Bits one worker sends per step for ``n`` coordinates: ``8 * alq_core.payload_size``."""
+        return 8 * alq_core.payload_size(self.config, int(n))
+
+    def stats(self, grads: Tensor) -> Any:
+        """Merged statistics of the workers' gradients, an :class:`alq_core.GradientStats`.
+
+        Parameters
+        ----------
+        grads : Tensor of float32, shape (K, n)
+        """
+        ops = _ops()
+        grads = self._check(grads)
+        k, n = grads.shape
+        d = self.config.bucket_size
+        if n % d == 0:
+            parts = [ops.bucket_stats(grads.reshape(-1), d)]
+        else:
+            parts = [ops.bucket_stats(grads[i], d) for i in range(k)]
+        arrays = [np.concatenate([p[j].detach().cpu().numpy() for p in parts]) for j in range(4)]
+        return alq_core.GradientStats.from_buckets(
+            arrays[0], arrays[1], arrays[2], arrays[3], dist_num=self.dist_num, weights=self.weights
+        )
+
+    def update_levels(self, grads: Tensor, step: int) -> Any:
+        """Fit new levels to the workers' gradients now (whatever the schedule says).
+
+        Returns the quantizer's ``UpdateReport`` (``None`` for non-adaptive methods).
+        """
+        if not self.config.spec.adaptive:
+            return None
+        report = self.quantizer.update(self.stats(grads), int(step))
+        return report
+
+    # -------------------------------------------------------------- quantizing
+    def _check(self, grads: Tensor) -> Tensor:
+        if not isinstance(grads, Tensor):
+            msg = f"`grads` must be a torch.Tensor of shape (K, n); got {type(grads).__name__}"
+            raise TypeError(msg)
+        if grads.ndim != 2 or grads.shape[0] < 1:
+            msg = f"`grads` must have shape (K, n) with K >= 1 workers; got {tuple(grads.shape)}"
+            raise ValueError(msg)
+        if grads.dtype != torch.float32:
+            grads = grads.float()
+        return grads.contiguous()
+
+    def dequantized(self, grads: Tensor) -> Tensor:
+        """Each worker's gradient quantized independently and dequantized, float32 ``(K, n)``.
+
+        When bucket boundaries can be aligned (``n`` a multiple of the bucket size,
+        or no clipping with a quantized tail: each worker's gradient is padded with
+        zeros to whole buckets, which changes neither a scale nor the distribution
+        of any real coordinate's code), all K gradients go through one
+        :func:`alq_torch.quantize` call; otherwise one call per worker.
+        """
+        grads = self._check(grads)
+        cfg = self.config
+        if not cfg.quantized:
+            return grads
+        ops = _ops()
+        levels = self.levels
+        k, n = grads.shape
+        d = cfg.bucket_size
+        if n % d == 0 or (cfg.clip is None and cfg.tail == "quantize"):
+            n_pad = -(-n // d) * d
+            x = grads if n_pad == n else F.pad(grads, (0, n_pad - n))
+            flat = x.reshape(-1)
+            noise = torch.rand(flat.numel(), generator=self.generator, device=self.device)
+            q = ops.quantize(flat, levels, cfg, noise=noise)
+            out: Tensor = ops.dequantize(q, levels).reshape(k, n_pad)
+            return out[:, :n] if n_pad != n else out
+        rows = []
+        for i in range(k):
+            m = cfg.num_quantized(n)
+            noise = torch.rand(m, generator=self.generator, device=self.device)
+            rows.append(ops.dequantize(ops.quantize(grads[i], levels, cfg, noise=noise), levels).reshape(n))
+        return torch.stack(rows)
+
+    @staticmethod
+    def normalized_variance(dequantized: Tensor, grads: Tensor) -> float:
+        """``mean_k ||Q(g_k) - g_k||^2 / ||g_k||^2`` over workers whose gradient is nonzero."""
+        num = (dequantized.double() - grads.double()).pow(2).sum(dim=1)
+        den = grads.double().pow(2).sum(dim=1)
+        ok = den > 0
+        if not bool(ok.any()):
+            return 0.0
+        return float((num[ok] / den[ok]).mean())
+
+    def variance(self, grads: Tensor, repeats: int = 1) -> float:
+        """Normalized quantization variance of the current levels on ``grads`` (K, n), averaged over ``repeats`` draws."""
+        grads = self._check(grads)
+        vals = [self.normalized_variance(self.dequantized(grads), grads) for _ in range(max(1, repeats))]
+        return float(np.mean(vals))
+
+    def reduce(self, grads: Tensor, *, step: int | None = None, measure: bool = False) -> SimulatedStep:
+        """Level update if due at ``step``, then quantize each worker's gradient and average.
+
+        Parameters
+        ----------
+        grads : Tensor of float32, shape (K, n)
+            Row ``k`` is worker ``k``'s flat gradient.
+        step : int, optional
+            The training step; when given and the quantizer's schedule says an
+            update is due, the levels are fitted to ``grads`` first.
+        measure : bool
+            Also compute the normalized quantization variance of this step.
+        """
+        grads = self._check(grads)
+        update_s = 0.0
+        updated = False
+        if step is not None and self.config.spec.adaptive and self.quantizer.due(int(step)):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            before = int(self.quantizer.version)
+            self.update_levels(grads, int(step))
+            _ = self.levels
+            _sync(self.device)
+            update_s = time.perf_counter() - t0
+            updated = int(self.quantizer.version) != before
+        _sync(self.device)
+        t0 = time.perf_counter()
+        deq = self.dequantized(grads)
+        mean = deq.mean(dim=0)
+        _sync(self.device)
+        quant_s = time.perf_counter() - t0 if self.config.quantized else 0.0
+        var: float | None = None
+        if measure:
+            var = 0.0 if not self.config.quantized else self.normalized_variance(deq, grads)
+        return SimulatedStep(mean, var, quant_s, update_s, updated)
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Quantizer state (plain data) and the noise generator's state."""
+        return {"quantizer": self.quantizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next step continues identically."""
+        self.quantizer.load_state_dict(state["quantizer"])
+        self.generator.set_state(state["generator"])
+        self._levels = None
+        self._levels_version = None
+
+
+__all__ = ["SimulatedStep", "SimulatedWorkers"]

@@ -1,0 +1,379 @@
+"""``alq-train``: train with every quantization method side by side and report like the paper.
+
+Without arguments it runs the default comparison: the nine methods, 3 bits,
+K = 16 simulated workers, an MLP on scikit-learn's bundled handwritten digits,
+three seeds; a few minutes on a 2-core CPU. Under ``torchrun`` (``WORLD_SIZE``
+> 1) the same flags train with real DDP and the ALQ communication hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import alq_core
+
+from .data import DATA_NAMES, load_data
+from .loop import RunConfig, probe_gradients, train_run
+from .report import format_table, plot_all, summarize, write_csv, write_json
+
+#: Every method in the paper's order.
+ALL_METHODS = tuple(alq_core.METHODS)
+
+#: The built-in default comparison (what ``alq-train`` runs with no arguments).
+DEFAULTS: dict[str, Any] = {
+    "methods": "all",
+    "bits": 3,
+    "bucket_size": 2048,
+    "workers": 16,
+    "seeds": "0,1,2",
+    "steps": 300,
+    "epochs": None,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "batch_size": 16,
+    "milestones": "0.5,0.75",
+    "update_steps": "0,10,50",
+    "update_every": 100,
+    "update_method": "exact",
+    "dist_num": 50,
+    "clip": "auto",
+    "model": "mlp",
+    "data": "digits",
+    "data_dir": None,
+    "synthetic_size": 10000,
+    "eval_every": 0,
+    "log_every": 0,
+    "checkpoint_every": 0,
+}
+
+#: Presets: the paper's settings (SPEC section 10). Explicit flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-cifar10-resnet32": {
+        "methods": "all",
+        "bits": 3,
+        "bucket_size": 8192,
+        "workers": 4,
+        "seeds": "0",
+        "steps": 80000,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "batch_size": 128,
+        "milestones": "0.5,0.75",
+        "update_steps": "0,100,2000",
+        "update_every": 10000,
+        "update_method": "exact",
+        "dist_num": 50,
+        "model": "resnet32",
+        "data": "cifar10",
+        "eval_every": 2000,
+        "log_every": 500,
+        "checkpoint_every": 2000,
+    },
+}
+
+#: Settings that do not change results and may differ on --resume.
+_RUNTIME_KEYS = ("device", "progress", "stop_at", "out", "resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``alq-train``."""
+    p = argparse.ArgumentParser(
+        prog="alq-train",
+        description=(
+            "Train with several gradient quantization methods side by side (K simulated workers on one "
+            "device, or real DDP under torchrun) and report validation accuracy, normalized quantization "
+            "variance, bits on the wire and the time spent quantizing and updating levels, like Table 1 "
+            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, K=16 workers, "
+            "an MLP on the built-in handwritten digits, 3 seeds (a few minutes on a 2-core CPU)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = DEFAULTS
+    g = p.add_argument_group("methods and quantizer")
+    g.add_argument("--methods", default=None, help=f"comma-separated names or 'all' ({', '.join(ALL_METHODS)}) [default: {d['methods']}]")
+    g.add_argument("--bits", type=int, default=None, help=f"bits per coordinate, 1..8 [default: {d['bits']}]")
+    g.add_argument("--bucket-size", type=int, default=None, help=f"coordinates per bucket [default: {d['bucket_size']}]")
+    g.add_argument("--clip", default=None, help="clip normalized coordinates at C std devs: a number, 'none', or 'auto' (2.5 for trn only) [default: auto]")
+    g.add_argument("--update-steps", default=None, help=f"comma-separated steps with a level update [default: {d['update_steps']}; paper: 0,100,2000]")
+    g.add_argument("--update-every", type=int, default=None, help=f"then update every N steps (0: never) [default: {d['update_every']}; paper: 10000]")
+    g.add_argument("--update-method", choices=("exact", "gd"), default=None, help="ALQ/AMQ optimizer: closed-form 'exact' or the paper's 'gd' [default: exact]")
+    g.add_argument("--dist-num", type=int, default=None, help="buckets kept by the norm-based statistics [default: 50]")
+    g = p.add_argument_group("training")
+    g.add_argument("--workers", "-K", type=int, default=None, help=f"simulated workers K (ignored under torchrun: K = WORLD_SIZE) [default: {d['workers']}]")
+    g.add_argument("--seeds", default=None, help=f"comma-separated seeds [default: {d['seeds']}]")
+    g.add_argument("--steps", type=int, default=None, help=f"training steps [default: {d['steps']}]")
+    g.add_argument("--epochs", type=float, default=None, help="training length in epochs of the training set (overrides --steps)")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate, x0.1 at each milestone [default: {d['lr']}]")
+    g.add_argument("--milestones", default=None, help="fractions of training where lr is multiplied by 0.1 [default: 0.5,0.75 as 40k/60k of 80k]")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum [default: {d['momentum']}]")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"weight decay [default: {d['weight_decay']}]")
+    g.add_argument("--batch-size", type=int, default=None, help=f"mini-batch per worker [default: {d['batch_size']}]")
+    g.add_argument("--model", default=None, help="mlp, mlp-<width>, resnet8/20/32/44/56/110 (CIFAR, option A), resnet18/50 (torchvision) [default: mlp]")
+    g.add_argument("--data", choices=DATA_NAMES, default=None, help="digits (built in), cifar10 (needs --data-dir), synthetic (CIFAR-shaped) [default: digits]")
+    g.add_argument("--data-dir", default=None, help="directory of CIFAR-10's python batches (cifar-10-batches-py)")
+    g.add_argument("--synthetic-size", type=int, default=None, help="training examples of --data synthetic [default: 10000]")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available else cpu]")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's settings (SPEC section 10); explicit flags override")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory [default: ./runs/<data>-<model>-b<bits>-K<K>-<time>]")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR", help="continue the comparison in DIR (or --out) from its checkpoints, with its saved settings")
+    g.add_argument("--eval-every", type=int, default=None, help="validation every N steps [default: ~20 points per run]")
+    g.add_argument("--log-every", type=int, default=None, help="log the quantization variance every N steps [default: ~40 points per run]")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (a final checkpoint is always written) [default: 0]")
+    g.add_argument("--stop-at", type=int, default=None, help="stop every run after this step and checkpoint it (to test --resume)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(t) for t in str(text).split(",") if t.strip() != "")
+    except ValueError as exc:
+        msg = f"--{name} must be comma-separated integers; got {text!r}"
+        raise SystemExit(f"alq-train: error: {msg}") from exc
+    return vals
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge flags over the preset over the defaults, and validate."""
+    s = dict(DEFAULTS)
+    if args.preset:
+        s.update(PRESETS[args.preset])
+        s["preset"] = args.preset
+    for key in DEFAULTS:
+        val = getattr(args, key, None)
+        if val is not None:
+            s[key] = val
+    methods = str(s["methods"])
+    names = list(ALL_METHODS) if methods.strip().lower() == "all" else [m.strip().lower() for m in methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in ALL_METHODS]
+    if bad or not names:
+        raise SystemExit(f"alq-train: error: --methods must be 'all' or names from {', '.join(ALL_METHODS)}; got {methods!r}")
+    s["methods"] = names
+    seeds = str(s["seeds"])
+    s["seeds"] = list(_ints(seeds, "seeds"))
+    if not s["seeds"]:
+        raise SystemExit("alq-train: error: --seeds needs at least one seed, e.g. 0,1,2")
+    s["update_steps"] = sorted(set(_ints(s["update_steps"], "update-steps")))
+    try:
+        s["milestones"] = [float(t) for t in str(s["milestones"]).split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"alq-train: error: --milestones must be comma-separated fractions; got {s['milestones']!r}") from None
+    clip = s["clip"]
+    if isinstance(clip, str) and clip.lower() == "none":
+        s["clip"] = None
+    elif isinstance(clip, str) and clip != "auto":
+        try:
+            s["clip"] = float(clip)
+        except ValueError:
+            raise SystemExit(f"alq-train: error: --clip must be a number, 'none' or 'auto'; got {clip!r}") from None
+    for key in ("bits", "bucket_size", "workers", "batch_size"):
+        if int(s[key]) < 1:
+            raise SystemExit(f"alq-train: error: --{key.replace('_', '-')} must be positive; got {s[key]}")
+    if s.get("steps") is not None and int(s["steps"]) < 1:
+        raise SystemExit(f"alq-train: error: --steps must be positive; got {s['steps']}")
+    for m in names:  # validates bits / bucket / clip combinations with the core's messages
+        try:
+            alq_core.QuantizerConfig(m, bits=int(s["bits"]), bucket_size=int(s["bucket_size"]), clip=s["clip"])
+        except ValueError as exc:
+            raise SystemExit(f"alq-train: error: {exc}") from None
+    return s
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"alq-train: error: --device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_config(s: dict[str, Any], method: str, seed: int, steps: int, workers: int) -> RunConfig:
+    return RunConfig(
+        method=method,
+        bits=int(s["bits"]),
+        bucket_size=int(s["bucket_size"]),
+        workers=workers,
+        seed=int(seed),
+        steps=steps,
+        lr=float(s["lr"]),
+        momentum=float(s["momentum"]),
+        weight_decay=float(s["weight_decay"]),
+        batch_size=int(s["batch_size"]),
+        milestones=tuple(s["milestones"]),
+        update_steps=tuple(s["update_steps"]),
+        update_every=int(s["update_every"]),
+        update_method=str(s["update_method"]),
+        dist_num=int(s["dist_num"]),
+        clip=s["clip"],
+        model=str(s["model"]),
+        eval_every=int(s["eval_every"]),
+        log_every=int(s["log_every"]),
+        checkpoint_every=int(s["checkpoint_every"]),
+    )
+
+
+def _default_out(s: dict[str, Any], workers: int) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-K{workers}-{stamp}")
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "alq_core": getattr(alq_core, "__version__", "?"),
+        "platform": platform.platform(),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``alq-train`` and ``python -m alq_torch.train``."""
+    args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .ddp import main_ddp  # noqa: PLC0415
+
+        return main_ddp(args)
+    t_start = time.perf_counter()
+    resume_dir = None
+    if args.resume is not None:
+        resume_dir = args.resume or args.out
+        if not resume_dir:
+            raise SystemExit("alq-train: error: --resume needs a directory: --resume DIR (or --out DIR)")
+        cfg_path = os.path.join(resume_dir, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise SystemExit(f"alq-train: error: --resume {resume_dir!r}: no config.json there (not an alq-train output directory)")
+        with open(cfg_path, encoding="utf-8") as fh:
+            s = json.load(fh)
+        print(f"resuming {resume_dir} with its saved settings")
+    else:
+        s = resolve(args)
+    device = _device(args.device)
+    data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
+    workers = int(s["workers"])
+    n_train = int(data.y_train.shape[0])
+    if s.get("epochs") is not None:
+        steps = max(1, int(round(float(s["epochs"]) * n_train / (workers * int(s["batch_size"])))))
+    else:
+        steps = int(s["steps"])
+    s["resolved_steps"] = steps
+    out = resume_dir or args.out or _default_out(s, workers)
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    if resume_dir is None:
+        write_json(os.path.join(out, "config.json"), s)
+    progress = not args.no_progress
+    print(
+        f"alq-train: {len(s['methods'])} methods x {len(s['seeds'])} seeds, {s['bits']} bits, bucket {s['bucket_size']}, "
+        f"K={workers}, {steps} steps, batch {s['batch_size']}/worker, model {s['model']} on {s['data']} "
+        f"({n_train} train / {int(data.y_val.shape[0])} val), device {device}; output -> {out}",
+        flush=True,
+    )
+    results: list[dict[str, Any]] = []
+    stopped = False
+    for seed in s["seeds"]:
+        for method in s["methods"]:
+            run = _run_config(s, method, seed, steps, workers)
+            res_path = os.path.join(out, "runs", f"{method}-s{seed}.json")
+            ck_path = os.path.join(out, "checkpoints", f"{method}-s{seed}.pt")
+            if resume_dir is not None and os.path.isfile(res_path):
+                with open(res_path, encoding="utf-8") as fh:
+                    results.append(json.load(fh))
+                continue
+            res, _, _ = train_run(
+                run,
+                data,
+                device=device,
+                checkpoint=ck_path,
+                resume=resume_dir is not None,
+                stop_at=args.stop_at,
+                progress=progress,
+                desc=f"{method:>7} seed {seed}",
+            )
+            if res is None:
+                stopped = True
+                continue
+            d = res.to_dict()
+            write_json(res_path, d)
+            results.append(d)
+            if not progress:
+                print(f"  {method:>7} seed {seed}: val acc {res.final_val_acc:.4f}, qvar {res.final_variance:.3g}", flush=True)
+    if stopped:
+        print(f"stopped at step {args.stop_at}; continue with: alq-train --resume {out}")
+        return 0
+    same = same_gradient_variance(s, out, data, device, steps, workers)
+    rows = summarize(results, same)
+    title = f"{s['data']}, {s['model']}, {s['bits']} bits, bucket {s['bucket_size']}, K={workers}, {steps} steps"
+    table = format_table(rows, title=title)
+    wall = time.perf_counter() - t_start
+    print()
+    print(table)
+    payload = {
+        "settings": s,
+        "device": str(device),
+        "versions": _versions(),
+        "num_params": results[0]["num_params"] if results else None,
+        "summary": rows,
+        "same_gradient_variance": same,
+        "runs": results,
+        "wall_seconds": wall,
+        "table": table,
+    }
+    write_json(os.path.join(out, "results.json"), payload)
+    write_csv(os.path.join(out, "results.csv"), rows)
+    with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as fh:
+        fh.write(table + "\n")
+    plots = [] if args.no_plots else plot_all(results, out, title=title)
+    print(f"\nwall time {wall:.1f} s; results in {os.path.abspath(out)}: results.json, results.csv, table.txt"
+          + (", " + ", ".join(os.path.basename(p) for p in plots) if plots else ""))
+    return 0
+
+
+def same_gradient_variance(
+    s: dict[str, Any], out: str, data: Any, device: torch.device, steps: int, workers: int
+) -> dict[str, list[float]]:
+    """Every method's final levels on the same worker gradients, per seed.
+
+    The probe gradients are K worker gradients of the final model of the first
+    method's run (``fp32`` in the default order) on fixed mini-batches.
+    """
+    from .._simulate import SimulatedWorkers  # noqa: PLC0415
+    from .loop import _load_checkpoint, make_quantizer  # noqa: PLC0415
+    from .models import build_model  # noqa: PLC0415
+
+    same: dict[str, list[float]] = {m: [] for m in s["methods"]}
+    for seed in s["seeds"]:
+        first = os.path.join(out, "checkpoints", f"{s['methods'][0]}-s{seed}.pt")
+        if not os.path.isfile(first):
+            continue
+        model = build_model(s["model"], data.input_shape, data.num_classes).to(device)
+        model.load_state_dict(_load_checkpoint(first)["model"])
+        grads = probe_gradients(model, data, workers, int(s["batch_size"]), int(seed), device)
+        for method in s["methods"]:
+            ck = os.path.join(out, "checkpoints", f"{method}-s{seed}.pt")
+            if not os.path.isfile(ck):
+                continue
+            run = _run_config(s, method, seed, steps, workers)
+            sim = SimulatedWorkers(run.quantizer_config(), quantizer=make_quantizer(run), device=device, seed=40_000 + seed)
+            sim.quantizer.load_state_dict(_load_checkpoint(ck)["sim"]["quantizer"])
+            same[method].append(sim.variance(grads, repeats=4) if run.quantizer_config().quantized else 0.0)
+    return same
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
