@@ -91,7 +91,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def _f32_bytes(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=t.device)
     return t.to(torch.float32).contiguous().view(torch.uint8)
+
+
+def _bytes_f32(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian float32 values of a byte range (copied: the range may be unaligned)."""
+    if b.numel() == 0:
+        return torch.zeros(b.shape[:-1] + (0,), dtype=torch.float32, device=b.device)
+    return b.contiguous().clone().view(torch.float32)
 
 
 def _check_table_version(table_version: object) -> int:
@@ -216,7 +225,7 @@ def decode(
     device = payload.device
     if cfg.quantized:
         nb = cfg.num_buckets(n)
-        scales = payload[off : off + 4 * nb].clone().view(torch.float32)
+        scales = _bytes_f32(payload[off : off + 4 * nb])
         off += 4 * nb
         nbytes = packed_size(m, cfg.code_bits)
         codes = unpack_codes(payload[off : off + nbytes], cfg.code_bits, m)
@@ -232,7 +241,7 @@ def decode(
     else:
         scales = torch.zeros(0, dtype=torch.float32, device=device)
         codes = torch.zeros(0, dtype=torch.uint8, device=device)
-    tail = payload[off:].clone().view(torch.float32)
+    tail = _bytes_f32(payload[off:])
     return QuantizedTensor(codes, scales, tail, n, cfg, (n,))
 
 
@@ -329,7 +338,7 @@ def quantize_encode(
             _kernels.quantize_pack(src, table, config, head, out, noise=u, seed=seed_v)
             if config.nonfinite == "raise":
                 nb = config.num_buckets(n)
-                scales = out[HEADER_SIZE : HEADER_SIZE + 4 * nb].clone().view(torch.float32)
+                scales = _bytes_f32(out[HEADER_SIZE : HEADER_SIZE + 4 * nb])
                 bad = torch.isnan(scales)
                 if nb and bool(bad.any()):
                     raise ValueError(_nonfinite_message(bad, m, config.bucket_size))
@@ -451,10 +460,10 @@ def decode_sum(
 
         if _kernels.decode_supported(config):
             assert table is not None
-            scales = payloads[:, HEADER_SIZE:off_codes].contiguous().view(torch.float32)
+            scales = _bytes_f32(payloads[:, HEADER_SIZE:off_codes])
             _kernels.decode_sum(payloads, scales, table, config, m, off_codes, out, scale32)
             if n > m:
-                tails = payloads[:, off_tail:].contiguous().view(torch.float32)
+                tails = _bytes_f32(payloads[:, off_tail:])
                 acc = tails[0].clone()
                 for w in range(1, w_count):
                     acc = acc + tails[w]
@@ -482,7 +491,7 @@ def _dequantize_payload(
     res = torch.empty(n, dtype=torch.float32, device=payload.device)
     if m:
         assert table is not None
-        scales = payload[HEADER_SIZE:off_codes].clone().view(torch.float32)
+        scales = _bytes_f32(payload[HEADER_SIZE:off_codes])
         codes = unpack_codes(payload[off_codes:off_tail], config.code_bits, m)
         d = config.bucket_size
         counts = torch.full((nb,), d, dtype=torch.int64, device=payload.device)
@@ -490,5 +499,5 @@ def _dequantize_payload(
             counts[-1] = m % d
         s_el = torch.repeat_interleave(scales, counts, output_size=m)
         res[:m] = s_el * table.lookup[codes.long()]
-    res[m:] = payload[off_tail:].clone().view(torch.float32)
+    res[m:] = _bytes_f32(payload[off_tail:])
     return res

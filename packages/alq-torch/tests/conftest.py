@@ -1,0 +1,3 @@
+from alq_core.testing.profiles import register_profiles
+
+register_profiles()
