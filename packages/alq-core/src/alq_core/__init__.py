@@ -5,7 +5,9 @@ dequantize, the wire format, statistics, the variance objective and the level
 optimizers. See SPEC.md for the math.
 """
 
+from ._adaptive import AdaptiveQuantizer, UpdateReport, UpdateSchedule
 from ._config import QuantizerConfig
+from ._distributions import TruncatedNormal, TruncatedNormalMixture
 from ._levels import (
     default_levels,
     exponential_levels,
@@ -16,8 +18,11 @@ from ._levels import (
     validate_levels,
 )
 from ._methods import METHODS, MethodSpec
+from ._optimize import AlqResult, AmqResult, alq_levels, amq_multiplier
 from ._quantize import QuantizedTensor, bucket_scales, dequantize, quantize
 from ._simulate import simulate_workers
+from ._stats import DegenerateStatsError, GradientStats, compute_stats, merge_stats
+from ._variance import expected_variance, variance_gradient
 from ._wire import (
     HEADER_SIZE,
     PayloadError,
@@ -37,18 +42,32 @@ __version__ = "0.1.0"
 __all__ = [
     "HEADER_SIZE",
     "METHODS",
+    "AdaptiveQuantizer",
+    "AlqResult",
+    "AmqResult",
+    "DegenerateStatsError",
+    "GradientStats",
     "MethodSpec",
     "PayloadError",
     "QuantizedTensor",
     "QuantizerConfig",
+    "TruncatedNormal",
+    "TruncatedNormalMixture",
+    "UpdateReport",
+    "UpdateSchedule",
+    "alq_levels",
+    "amq_multiplier",
     "bucket_scales",
+    "compute_stats",
     "decode",
     "decode_header",
     "default_levels",
     "dequantize",
     "encode",
     "encode_header",
+    "expected_variance",
     "exponential_levels",
+    "merge_stats",
     "min_multiplier",
     "pack_codes",
     "packed_size",
@@ -61,4 +80,5 @@ __all__ = [
     "uniform_levels",
     "unpack_codes",
     "validate_levels",
+    "variance_gradient",
 ]
