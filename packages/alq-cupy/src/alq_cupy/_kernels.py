@@ -1,0 +1,638 @@
+"""CUDA C source of every alq-cupy kernel and their lazily compiled, cached handles.
+
+Nothing is compiled at import: :func:`module` builds a ``cupy.RawModule`` the
+first time a kernel is launched (CuPy caches the binary on disk and per device).
+
+Arithmetic contract (``alq_core._quantize``), and how the kernels keep it:
+
+* NVRTC runs with ``--prec-div=true --prec-sqrt=true --ftz=false --fmad=false``:
+  ``x / s`` is the correctly rounded float32 division, subnormals are kept, and no
+  multiply-add is contracted (so ``acc + s * l`` rounds twice, like NumPy);
+* L2 scales are ``(float)sqrt(sum((double)x * (double)x))``: every square is exact
+  in double, so only the order of the double additions differs from NumPy (a
+  difference that could change the float32 result only for a sum within about
+  1e-16 relative of a float32 rounding boundary);
+* L-inf scales use a NaN-propagating max, so a NaN or Inf bucket gets a
+  non-finite scale exactly as NumPy's ``max`` gives;
+* clipping: population std in double (mean first, then the mean of squared
+  deviations), ``t = (float)(clip * std)``, ``x = fminf(fmaxf(x, -t), t)``;
+* ``j`` = number of interior levels ``<= v`` by binary search, ``p`` in float32,
+  ``code = j + (u < p)``; a bucket with a non-finite scale gets the scale NaN
+  (``0x7fc00000``, NumPy's float32 NaN) and codes 0.
+
+Layout: one thread block per bucket. When ``4 * bucket_size`` bytes fit in shared
+memory the bucket is read from global memory once, kept in shared memory, and
+quantized and packed from there; larger buckets are read twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from ._backend import require_cupy
+from ._noise import seed_key
+
+SOURCE = r"""
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned char u8;
+
+#define ALQ_GOLDEN 0x9E3779B97F4A7C15ULL
+#define ALQ_NAN_BITS 0x7fc00000u
+
+__device__ __forceinline__ u64 alq_mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Uniforms of coordinates 2*pair and 2*pair + 1 of the stream with key `key` (see _noise.py). */
+__device__ __forceinline__ void alq_uniform_pair(u64 key, u64 pair, float* u0, float* u1) {
+    const u64 h = alq_mix64(key + (pair + 1ULL) * ALQ_GOLDEN);
+    *u0 = (float)(unsigned int)(h >> 40) * 5.9604644775390625e-08f;  /* exact: 24-bit integer times 2^-24 */
+    *u1 = (float)(unsigned int)((h >> 16) & 0xFFFFFFULL) * 5.9604644775390625e-08f;
+}
+
+/* Uniform float32 in [0, 1) for coordinate k. */
+__device__ __forceinline__ float alq_uniform(u64 key, u64 k) {
+    float u0, u1;
+    alq_uniform_pair(key, k >> 1, &u0, &u1);
+    return (k & 1ULL) ? u1 : u0;
+}
+
+/* max that propagates NaN from either side (NumPy's np.max semantics). */
+__device__ __forceinline__ float alq_nanmax(float a, float b) {
+    return (a != a || a > b) ? a : b;
+}
+
+__device__ __forceinline__ float alq_load_f32(const u8* p) {
+    const unsigned int u = (unsigned int)p[0] | ((unsigned int)p[1] << 8) | ((unsigned int)p[2] << 16)
+                         | ((unsigned int)p[3] << 24);
+    return __uint_as_float(u);
+}
+
+__device__ __forceinline__ void alq_store_f32(u8* p, float v) {
+    const unsigned int u = __float_as_uint(v);
+    p[0] = (u8)(u & 0xFFu); p[1] = (u8)((u >> 8) & 0xFFu); p[2] = (u8)((u >> 16) & 0xFFu); p[3] = (u8)(u >> 24);
+}
+
+/* Block-wide sum; every thread receives it. blockDim.x must be a multiple of 32. red: 33 doubles. */
+__device__ double alq_block_sum(double v, double* red) {
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const unsigned int nwarps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = (lane < nwarps) ? red[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) red[32] = v;
+    }
+    __syncthreads();
+    return red[32];
+}
+
+/* Block-wide NaN-propagating max; every thread receives it. red: 33 floats. */
+__device__ float alq_block_max(float v, float* red) {
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const unsigned int nwarps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = alq_nanmax(__shfl_down_sync(0xffffffffu, v, o), v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = (lane < nwarps) ? red[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v = alq_nanmax(__shfl_down_sync(0xffffffffu, v, o), v);
+        if (lane == 0) red[32] = v;
+    }
+    __syncthreads();
+    return red[32];
+}
+
+/* Scale of src[0..len) clipped to [-t, t] when clip_on (every thread gets it). */
+__device__ float alq_scale(const float* src, int len, int linf, int clip_on, float t, double* red, float* redf) {
+    if (linf) {
+        float mx = 0.0f;
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            float v = src[i];
+            if (clip_on) v = fminf(fmaxf(v, -t), t);
+            mx = alq_nanmax(fabsf(v), mx);
+        }
+        return alq_block_max(mx, redf);
+    }
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+        float v = src[i];
+        if (clip_on) v = fminf(fmaxf(v, -t), t);
+        const double dv = (double)v;
+        ss += dv * dv;
+    }
+    return (float)sqrt(alq_block_sum(ss, red));
+}
+
+/* Code of one coordinate: v = x / s (0 when s == 0), clamped, j by binary search, stochastic rounding. */
+__device__ __forceinline__ unsigned int alq_code(float xv, float s, const float* lv, int L, float u) {
+    float v = (s != 0.0f) ? xv / s : 0.0f;
+    v = fminf(fmaxf(v, lv[0]), lv[L - 1]);
+    int lo = 0, hi = L - 2;             /* j = #{interior levels lv[1..L-2] <= v} */
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (lv[1 + mid] <= v) lo = mid + 1; else hi = mid;
+    }
+    const float p = (v - lv[lo]) / (lv[lo + 1] - lv[lo]);
+    return (unsigned int)lo + ((u < p) ? 1u : 0u);
+}
+
+/*
+ * One block per bucket of x[0..m). Writes the scale (NaN for a non-finite bucket) to scales[b]
+ * (if non-null) and as little-endian bytes to scale_bytes + 4b (if non-null); codes either
+ * unpacked to codes[0..m) (if non-null) or packed LSB-first to packed (requires d % 8 == 0).
+ * noise: m uniforms, or null to generate them from `key`. Block 0 copies the 40-byte header.
+ */
+extern "C" __global__ void alq_quantize(
+    const float* __restrict__ x, const i64 m, const i64 d,
+    const float* __restrict__ levels, const int L, const int linf, const double clip, const int bits,
+    const float* __restrict__ noise, const u64 key, const int use_smem, const int vec_ok,
+    float* __restrict__ scales, u8* __restrict__ scale_bytes,
+    u8* __restrict__ codes, u8* __restrict__ packed,
+    const u8* __restrict__ header_src, u8* __restrict__ header_dst)
+{
+    extern __shared__ float4 alq_dyn[];
+    float* sx = reinterpret_cast<float*>(alq_dyn);
+    __shared__ float lv[256];
+    __shared__ double red[33];
+    __shared__ float redf[33];
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const i64 base = (i64)blockIdx.x * d;
+    const int len = (int)((m - base) < d ? (m - base) : d);
+    for (int i = tid; i < 256; i += nt) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+    if (header_dst != 0 && blockIdx.x == 0) {
+        for (int i = tid; i < 40; i += nt) header_dst[i] = header_src[i];
+    }
+    const float* xb = x + base;
+    if (use_smem) {
+        if (vec_ok) {      /* x + base is 16-byte aligned */
+            const float4* xb4 = reinterpret_cast<const float4*>(xb);
+            const int len4 = len >> 2;
+#pragma unroll 4
+            for (int i = tid; i < len4; i += nt) alq_dyn[i] = xb4[i];
+            for (int i = 4 * len4 + tid; i < len; i += nt) sx[i] = xb[i];
+        } else {
+#pragma unroll 4
+            for (int i = tid; i < len; i += nt) sx[i] = xb[i];
+        }
+        __syncthreads();
+    }
+    const float* src = use_smem ? sx : xb;
+
+    float s = alq_scale(src, len, linf, 0, 0.0f, red, redf);
+    const int bad = !isfinite(s);          /* uniform across the block */
+    const int clip_on = (clip > 0.0) && !bad;
+    float t = 0.0f;
+    if (clip_on) {
+        double sum = 0.0;
+        for (int i = tid; i < len; i += nt) sum += (double)src[i];
+        const double mean = alq_block_sum(sum, red) / (double)len;
+        double q = 0.0;
+        for (int i = tid; i < len; i += nt) {
+            const double dv = (double)src[i] - mean;
+            q += dv * dv;
+        }
+        const double sd = sqrt(alq_block_sum(q, red) / (double)len);
+        t = (float)(clip * sd);
+        s = alq_scale(src, len, linf, 1, t, red, redf);
+    }
+    __syncthreads();   /* lv[] visible to every thread (also when no reduction ran after loading it) */
+    if (tid == 0) {
+        const float so = bad ? __uint_as_float(ALQ_NAN_BITS) : s;
+        if (scales != 0) scales[blockIdx.x] = so;
+        if (scale_bytes != 0) alq_store_f32(scale_bytes + 4 * (i64)blockIdx.x, so);
+    }
+
+    if (packed != 0) {
+        const int ngroups = (len + 7) >> 3;
+        u8* pb = packed + (base >> 3) * (i64)bits;
+        for (int g = tid; g < ngroups; g += nt) {
+            u64 word = 0ULL;
+            if (!bad) {
+                float xs[8];
+                const int i0 = 8 * g;
+                if (use_smem && i0 + 8 <= len) {
+                    const float4 a = alq_dyn[2 * g], c = alq_dyn[2 * g + 1];
+                    xs[0] = a.x; xs[1] = a.y; xs[2] = a.z; xs[3] = a.w;
+                    xs[4] = c.x; xs[5] = c.y; xs[6] = c.z; xs[7] = c.w;
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) xs[e] = (i0 + e < len) ? src[i0 + e] : 0.0f;
+                }
+                float us[8];
+                if (noise != 0) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) us[e] = (i0 + e < len) ? noise[base + i0 + e] : 0.0f;
+                } else {   /* base + i0 is a multiple of 8: coordinates pair up as (even, odd) */
+#pragma unroll
+                    for (int e = 0; e < 8; e += 2) alq_uniform_pair(key, (u64)((base + i0 + e) >> 1), &us[e], &us[e + 1]);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    if (i0 + e < len) {
+                        float xv = xs[e];
+                        if (clip_on) xv = fminf(fmaxf(xv, -t), t);
+                        word |= (u64)alq_code(xv, s, lv, L, us[e]) << (bits * e);
+                    }
+                }
+            }
+            for (int k = 0; k < bits; ++k) pb[(i64)g * bits + k] = (u8)((word >> (8 * k)) & 0xFFULL);
+        }
+    } else {
+        for (int i = tid; i < len; i += nt) {
+            unsigned int c = 0u;
+            if (!bad) {
+                float xv = src[i];
+                if (clip_on) xv = fminf(fmaxf(xv, -t), t);
+                const float u = (noise != 0) ? noise[base + i] : alq_uniform(key, (u64)(base + i));
+                c = alq_code(xv, s, lv, L, u);
+            }
+            codes[base + i] = (u8)c;
+        }
+    }
+}
+
+/* Scales only (alq_core.bucket_scales): one block per bucket of x[0..n), no clipping. */
+extern "C" __global__ void alq_bucket_scales(const float* __restrict__ x, const i64 n, const i64 d,
+                                             const int linf, float* __restrict__ out) {
+    __shared__ double red[33];
+    __shared__ float redf[33];
+    const i64 base = (i64)blockIdx.x * d;
+    const int len = (int)((n - base) < d ? (n - base) : d);
+    const float s = alq_scale(x + base, len, linf, 0, 0.0f, red, redf);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+/* Full-bucket statistics in double: norm, mean and population std of w = B / ||B|| (0, 0 for a zero bucket). */
+extern "C" __global__ void alq_bucket_stats(const float* __restrict__ x, const i64 d,
+                                            double* __restrict__ norms, double* __restrict__ means,
+                                            double* __restrict__ stds) {
+    __shared__ double red[33];
+    const float* xb = x + (i64)blockIdx.x * d;
+    double ss = 0.0;
+    for (i64 i = threadIdx.x; i < d; i += blockDim.x) { const double v = (double)xb[i]; ss += v * v; }
+    const double nrm = sqrt(alq_block_sum(ss, red));
+    const double div = (nrm == 0.0) ? 1.0 : nrm;
+    double sw = 0.0;
+    for (i64 i = threadIdx.x; i < d; i += blockDim.x) sw += (double)xb[i] / div;
+    const double mean = alq_block_sum(sw, red) / (double)d;
+    double q = 0.0;
+    for (i64 i = threadIdx.x; i < d; i += blockDim.x) { const double w = (double)xb[i] / div - mean; q += w * w; }
+    const double sd = sqrt(alq_block_sum(q, red) / (double)d);
+    if (threadIdx.x == 0) { norms[blockIdx.x] = nrm; means[blockIdx.x] = mean; stds[blockIdx.x] = sd; }
+}
+
+/* Pack m codes LSB-first: each group of 8 codes becomes `bits` bytes. */
+extern "C" __global__ void alq_pack(const u8* __restrict__ codes, const i64 m, const int bits, u8* __restrict__ out) {
+    const i64 groups = (m + 7) >> 3;
+    for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (i64)gridDim.x * blockDim.x) {
+        u64 w = 0ULL;
+        for (int e = 0; e < 8; ++e) {
+            const i64 i = 8 * g + e;
+            if (i < m) w |= (u64)codes[i] << (bits * e);
+        }
+        for (int k = 0; k < bits; ++k) out[g * bits + k] = (u8)((w >> (8 * k)) & 0xFFULL);
+    }
+}
+
+/* Inverse of alq_pack. */
+extern "C" __global__ void alq_unpack(const u8* __restrict__ packed, const i64 m, const int bits, u8* __restrict__ codes) {
+    const i64 groups = (m + 7) >> 3;
+    const u64 mask = (1ULL << bits) - 1ULL;
+    for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (i64)gridDim.x * blockDim.x) {
+        u64 w = 0ULL;
+        for (int k = 0; k < bits; ++k) w |= (u64)packed[g * bits + k] << (8 * k);
+        for (int e = 0; e < 8; ++e) {
+            const i64 i = 8 * g + e;
+            if (i < m) codes[i] = (u8)((w >> (bits * e)) & mask);
+        }
+    }
+}
+
+/* out[i] = scales[i / d] * levels[codes[i]] for i < m (a code >= L decodes to NaN). */
+extern "C" __global__ void alq_dequantize(const u8* __restrict__ codes, const float* __restrict__ scales,
+                                          const i64 m, const i64 d, const float* __restrict__ levels, const int L,
+                                          float* __restrict__ out) {
+    __shared__ float lv[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+    __syncthreads();
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += (i64)gridDim.x * blockDim.x) {
+        out[i] = scales[i / d] * lv[codes[i]];
+    }
+}
+
+/*
+ * W payloads of `stride` bytes each (same config and n): out[i] = sum_w dequantized_w[i] for the
+ * m quantized coordinates and sum_w tail_w[i - m] for the rest, accumulated in float32 in payload
+ * order starting from 0, then multiplied by `scale` when apply_scale. err |= 1 for a negative scale,
+ * |= 2 for a code >= L. One thread per group of 8 coordinates (or per tail coordinate).
+ */
+extern "C" __global__ void alq_decode_sum(
+    const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d,
+    const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail,
+    const float* __restrict__ levels, const float scale, const int apply_scale,
+    float* __restrict__ out, int* __restrict__ err)
+{
+    __shared__ float lv[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+    __syncthreads();
+    const i64 groups = (m + 7) >> 3;
+    const i64 total = groups + (n - m);
+    const u64 mask = (1ULL << bits) - 1ULL;
+    int flag = 0;
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
+        if (t < groups) {
+            const i64 i0 = 8 * t;
+            i64 bidx[8];
+            i64 b = i0 / d, r = i0 - b * d;
+            for (int e = 0; e < 8; ++e) {
+                bidx[e] = b;
+                if (++r == d) { r = 0; ++b; }
+            }
+            float acc[8];
+            for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+            for (int w = 0; w < W; ++w) {
+                const u8* p = pay + (i64)w * stride;
+                u64 word = 0ULL;
+                for (int k = 0; k < bits; ++k) word |= (u64)p[off_codes + t * bits + k] << (8 * k);
+                i64 last = -1;
+                float s = 0.0f;
+                for (int e = 0; e < 8; ++e) {
+                    if (i0 + e < m) {
+                        if (bidx[e] != last) {
+                            last = bidx[e];
+                            s = alq_load_f32(p + off_scales + 4 * last);
+                            if (s < 0.0f) flag |= 1;
+                        }
+                        const unsigned int c = (unsigned int)((word >> (bits * e)) & mask);
+                        if (c >= (unsigned int)L) flag |= 2;
+                        acc[e] = acc[e] + s * lv[c];
+                    }
+                }
+            }
+            for (int e = 0; e < 8; ++e) {
+                if (i0 + e < m) out[i0 + e] = apply_scale ? acc[e] * scale : acc[e];
+            }
+        } else {
+            const i64 j = t - groups;
+            float acc = 0.0f;
+            for (int w = 0; w < W; ++w) acc = acc + alq_load_f32(pay + (i64)w * stride + off_tail + 4 * j);
+            out[m + j] = apply_scale ? acc * scale : acc;
+        }
+    }
+    if (flag) atomicOr(err, flag);
+}
+
+/* Counter-based noise (same values as alq_uniform inside the quantize kernel). */
+extern "C" __global__ void alq_noise(float* __restrict__ out, const i64 m, const u64 key, const i64 start) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += (i64)gridDim.x * blockDim.x) {
+        out[i] = alq_uniform(key, (u64)(start + i));
+    }
+}
+"""
+
+#: NVRTC flags that the bit-exactness contract depends on (never add --use_fast_math).
+OPTIONS = ("--std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "--fmad=false")
+
+NAMES = (
+    "alq_quantize",
+    "alq_bucket_scales",
+    "alq_bucket_stats",
+    "alq_pack",
+    "alq_unpack",
+    "alq_dequantize",
+    "alq_decode_sum",
+    "alq_noise",
+)
+
+#: Largest dynamic shared memory a quantize block may use to hold its bucket (2 blocks per SM stay resident).
+SMEM_CAP = 100 * 1024
+_THREADS = 512
+_lock = threading.Lock()
+_module: Any = None
+_smem_set: dict[tuple[int, int], int] = {}
+_optin: dict[int, int] = {}
+_functions: dict[str, Any] = {}
+
+
+def module() -> Any:
+    """The compiled ``cupy.RawModule`` (compiled on first use, then cached)."""
+    global _module
+    cp = require_cupy()
+    with _lock:
+        if _module is None:
+            _module = cp.RawModule(code=SOURCE, options=OPTIONS)
+        return _module
+
+
+def kernel(name: str) -> Any:
+    """One kernel of :data:`SOURCE` by name (a ``cupy.RawKernel``, cached)."""
+    k = _functions.get(name)
+    if k is None:
+        k = module().get_function(name)
+        _functions[name] = k
+    return k
+
+
+def ptr(a: Any) -> np.uint64:
+    """A device pointer as a kernel argument (0 for None)."""
+    return np.uint64(0 if a is None else int(a.data.ptr))
+
+
+def _grid(work: int, threads: int = 256) -> tuple[int, int]:
+    blocks = max(1, min(-(-work // threads), 65535 * 8))
+    return blocks, threads
+
+
+def _optin_limit(cp: Any) -> int:
+    dev = int(cp.cuda.runtime.getDevice())
+    if dev not in _optin:
+        try:  # cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+            _optin[dev] = int(cp.cuda.runtime.deviceGetAttribute(97, dev))
+        except Exception:  # pragma: no cover - very old runtimes
+            _optin[dev] = 48 * 1024
+    return _optin[dev]
+
+
+def smem_bytes_for(bucket_size: int) -> int:
+    """Dynamic shared memory a quantize block uses for this bucket size (0: read global memory twice)."""
+    cp = require_cupy()
+    need = 4 * bucket_size
+    limit = min(SMEM_CAP, _optin_limit(cp) - 4096)
+    return need if need <= limit else 0
+
+
+def threads_for(bucket_size: int) -> int:
+    """Threads per quantize block: a multiple of 32, at most 512, about one per 8 coordinates."""
+    groups = -(-bucket_size // 8)
+    return int(min(_THREADS, max(32, 32 * -(-groups // 32))))
+
+
+def launch_quantize(
+    x: Any,
+    m: int,
+    d: int,
+    levels_dev: Any,
+    num_levels: int,
+    linf: bool,
+    clip: float | None,
+    bits: int,
+    noise: Any,
+    seed: int | None,
+    *,
+    scales: Any = None,
+    scale_bytes: Any = None,
+    codes: Any = None,
+    packed: Any = None,
+    header_src: Any = None,
+    header_dst: Any = None,
+) -> None:
+    """Launch ``alq_quantize`` over the ``ceil(m / d)`` buckets of ``x[:m]`` (float32, contiguous)."""
+    nb = -(-m // d)
+    if nb == 0:
+        if header_dst is not None:
+            header_dst[: header_src.size] = header_src
+        return
+    if packed is not None and d % 8:
+        msg = "internal error: the fused pack path needs bucket_size % 8 == 0"
+        raise AssertionError(msg)
+    cp = require_cupy()
+    k = kernel("alq_quantize")
+    smem = smem_bytes_for(d)
+    if smem > 48 * 1024:
+        dev = int(cp.cuda.runtime.getDevice())
+        key = (dev, id(k))
+        if _smem_set.get(key, 0) < smem:
+            k.max_dynamic_shared_size_bytes = smem
+            _smem_set[key] = smem
+    key_val = seed_key(seed) if seed is not None else 0
+    args = (
+        ptr(x),
+        np.int64(m),
+        np.int64(d),
+        ptr(levels_dev),
+        np.int32(num_levels),
+        np.int32(1 if linf else 0),
+        np.float64(clip if clip is not None else 0.0),
+        np.int32(bits),
+        ptr(noise),
+        np.uint64(key_val),
+        np.int32(1 if smem else 0),
+        np.int32(1 if (int(x.data.ptr) % 16 == 0 and d % 4 == 0) else 0),
+        ptr(scales),
+        ptr(scale_bytes),
+        ptr(codes),
+        ptr(packed),
+        ptr(header_src),
+        ptr(header_dst),
+    )
+    k((nb,), (threads_for(d),), args, shared_mem=smem)
+
+
+def launch_bucket_scales(x: Any, d: int, linf: bool) -> Any:
+    """Scales of every bucket of flat float32 ``x`` (no clipping), float32 ``(ceil(n/d),)``."""
+    cp = require_cupy()
+    n = int(x.size)
+    nb = -(-n // d)
+    out = cp.empty(nb, dtype=cp.float32)
+    if nb:
+        kernel("alq_bucket_scales")(
+            (nb,), (threads_for(d),), (ptr(x), np.int64(n), np.int64(d), np.int32(int(linf)), ptr(out))
+        )
+    return out
+
+
+def launch_bucket_stats(x: Any, d: int) -> tuple[Any, Any, Any]:
+    """Norms, means and stds (float64) of the full buckets of flat float32 ``x``."""
+    cp = require_cupy()
+    k = int(x.size) // d
+    norms = cp.empty(k, dtype=cp.float64)
+    means = cp.empty(k, dtype=cp.float64)
+    stds = cp.empty(k, dtype=cp.float64)
+    if k:
+        kernel("alq_bucket_stats")((k,), (threads_for(d),), (ptr(x), np.int64(d), ptr(norms), ptr(means), ptr(stds)))
+    return norms, means, stds
+
+
+def launch_pack(codes: Any, bits: int, out: Any) -> None:
+    """Pack uint8 ``codes`` (contiguous) into ``out`` (``packed_size(m, bits)`` bytes)."""
+    m = int(codes.size)
+    if m:
+        kernel("alq_pack")(_grid(-(-m // 8)), (ptr(codes), np.int64(m), np.int32(bits), ptr(out)))
+
+
+def launch_unpack(packed: Any, bits: int, m: int, out: Any) -> None:
+    """Unpack ``m`` codes from ``packed`` into uint8 ``out``."""
+    if m:
+        kernel("alq_unpack")(_grid(-(-m // 8)), (ptr(packed), np.int64(m), np.int32(bits), ptr(out)))
+
+
+def launch_dequantize(codes: Any, scales: Any, d: int, levels_dev: Any, num_levels: int, out: Any) -> None:
+    """``out[:m] = scales[i // d] * levels[codes[i]]``."""
+    m = int(codes.size)
+    if m:
+        kernel("alq_dequantize")(
+            _grid(m),
+            (ptr(codes), ptr(scales), np.int64(m), np.int64(d), ptr(levels_dev), np.int32(num_levels), ptr(out)),
+        )
+
+
+def launch_decode_sum(
+    payloads: Any,
+    stride: int,
+    w: int,
+    n: int,
+    m: int,
+    d: int,
+    bits: int,
+    num_levels: int,
+    offsets: tuple[int, int, int],
+    levels_dev: Any,
+    scale: float | None,
+    out: Any,
+    err: Any,
+) -> None:
+    """Sum (and scale) ``w`` payloads into float32 ``out`` (n,); flags go to int32 ``err`` (1,)."""
+    total = -(-m // 8) + (n - m)
+    if total == 0:
+        return
+    kernel("alq_decode_sum")(
+        _grid(total),
+        (
+            ptr(payloads),
+            np.int64(stride),
+            np.int32(w),
+            np.int64(n),
+            np.int64(m),
+            np.int64(d),
+            np.int32(bits),
+            np.int32(num_levels),
+            np.int64(offsets[0]),
+            np.int64(offsets[1]),
+            np.int64(offsets[2]),
+            ptr(levels_dev),
+            np.float32(1.0 if scale is None else scale),
+            np.int32(0 if scale is None else 1),
+            ptr(out),
+            ptr(err),
+        ),
+    )
+
+
+def launch_noise(m: int, seed: int, start: int = 0) -> Any:
+    """Counter-based uniforms ``start .. start + m - 1`` of stream ``seed`` (float32 ``(m,)``)."""
+    cp = require_cupy()
+    out = cp.empty(m, dtype=cp.float32)
+    if m:
+        kernel("alq_noise")(_grid(m), (ptr(out), np.int64(m), np.uint64(seed_key(seed)), np.int64(start)))
+    return out

@@ -1,0 +1,86 @@
+"""Per-bucket gradient statistics on the GPU, handed to ``alq_core`` for the level update.
+
+The device reduces each *full* bucket ``B`` of the flat gradient to ``||B||_2``
+and the mean and population standard deviation of ``w = B / ||B||`` (SPEC
+section 5), all in float64; ``alq_core.GradientStats.from_buckets`` builds the
+models and the level optimizers run on the host.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from . import _kernels as K
+from ._backend import require_cupy
+from ._quantize import _flat32
+
+
+def bucket_stats(x: Any, bucket_size: int) -> tuple[Any, Any, Any, Any]:
+    """Statistics of every full bucket of ``x`` (a shorter last bucket is left out).
+
+    Parameters
+    ----------
+    x : CuPy/DLPack/host array of float16, float32 or float64, any shape
+        Flattened in C order (converted to float32 first, like the quantizer).
+    bucket_size : int
+        Coordinates per bucket ``d``.
+
+    Returns
+    -------
+    norms : cupy.ndarray of float64, shape (k,)
+        ``sqrt(sum(B**2))``, ``k = x.size // bucket_size``.
+    means : cupy.ndarray of float64, shape (k,)
+        Mean of ``w = B / ||B||`` (0 for a zero bucket).
+    stds : cupy.ndarray of float64, shape (k,)
+        Population standard deviation of ``w`` (0 for a zero bucket).
+    sizes : cupy.ndarray of int64, shape (k,)
+        ``bucket_size`` for every bucket.
+
+    Non-finite buckets give non-finite statistics (the core skips them).
+    """
+    cp = require_cupy()
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+        msg = f"`bucket_size` must be a positive integer; got {bucket_size!r}"
+        raise ValueError(msg)
+    flat, _ = _flat32(x)
+    norms, means, stds = K.launch_bucket_stats(flat, bucket_size)
+    sizes = cp.full(norms.size, bucket_size, dtype=cp.int64)
+    return norms, means, stds, sizes
+
+
+def gradient_stats(
+    samples: Any | Sequence[Any],
+    bucket_size: int,
+    *,
+    dist_num: int = 50,
+    weights: str = "norm",
+) -> Any:
+    """``alq_core.GradientStats`` of one gradient or a list of gradients, reduced on the GPU.
+
+    Parameters
+    ----------
+    samples : array or sequence of arrays
+        Each flattened and bucketed separately (like ``alq_core.compute_stats``).
+    bucket_size : int
+    dist_num, weights
+        Passed to ``alq_core.GradientStats.from_buckets``.
+
+    Returns
+    -------
+    alq_core.GradientStats
+    """
+    cp = require_cupy()
+    core = importlib.import_module("alq_core")
+    stats_cls = getattr(core, "GradientStats", None)
+    if stats_cls is None:
+        msg = "this alq-core has no GradientStats; install the alq-core release that matches alq-cupy"
+        raise ImportError(msg)
+    items = list(samples) if isinstance(samples, (list, tuple)) else [samples]
+    if not items:
+        msg = "`samples` must hold at least one gradient; got an empty sequence"
+        raise ValueError(msg)
+    parts = [bucket_stats(s, bucket_size) for s in items]
+    cols = [cp.concatenate([p[i] for p in parts]).get() for i in range(4)]
+    return stats_cls.from_buckets(cols[0], cols[1], cols[2], cols[3], dist_num=dist_num, weights=weights)
