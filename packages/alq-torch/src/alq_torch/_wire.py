@@ -100,7 +100,9 @@ def _bytes_f32(b: torch.Tensor) -> torch.Tensor:
     """Little-endian float32 values of a byte range (copied: the range may be unaligned)."""
     if b.numel() == 0:
         return torch.zeros(b.shape[:-1] + (0,), dtype=torch.float32, device=b.device)
-    return b.contiguous().clone().view(torch.float32)
+    dense = torch.empty(b.shape, dtype=torch.uint8, device=b.device)
+    dense.copy_(b)
+    return dense.view(torch.float32)
 
 
 def _check_table_version(table_version: object) -> int:

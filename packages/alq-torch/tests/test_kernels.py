@@ -1,0 +1,235 @@
+"""Triton kernels against alq_core: payload bytes equal on the same noise.
+
+On a CUDA machine the kernels run compiled on the GPU. Without a GPU they run in
+Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here before the
+kernels module is first imported), so the same arithmetic is checked in CI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import alq_core  # noqa: E402
+from alq_core import QuantizerConfig, default_levels, payload_size  # noqa: E402
+from alq_core.testing import assert_payloads_equal  # noqa: E402
+
+import alq_torch  # noqa: E402
+from alq_torch import decode_sum, quantize_encode  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install 'alq-torch[triton]')")
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Route CPU tensors to the interpreted kernels and count kernel launches."""
+    if not CUDA:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+        monkeypatch.setenv("ALQ_TORCH_KERNELS_ON_CPU", "1")
+    from alq_torch import _kernels
+
+    calls = {"quantize_pack": 0, "decode_sum": 0}
+    for name in calls:
+        real = getattr(_kernels, name)
+
+        def spy(*a: object, _real: object = real, _name: str = name, **k: object) -> object:
+            calls[_name] += 1
+            return _real(*a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(_kernels, name, spy)
+    return calls
+
+
+def _x(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 1e-2).to(dtype)
+
+
+def _check(x: torch.Tensor, config: QuantizerConfig, levels: np.ndarray | None = None, version: int = 3) -> torch.Tensor:
+    levels = default_levels(config) if levels is None else levels
+    n = x.numel()
+    u = np.random.default_rng(n).random(config.num_quantized(n), dtype=np.float32)
+    host = x.to(torch.float32).numpy()
+    expected = alq_core.encode(alq_core.quantize(host, levels, config, noise=u), levels, table_version=version)
+    got = quantize_encode(x.to(DEVICE), levels, config, table_version=version, noise=torch.from_numpy(u).to(DEVICE))
+    assert got.device.type == DEVICE
+    assert_payloads_equal(got.cpu(), expected)
+    return got
+
+
+CASES = [
+    (method, bits)
+    for method in ("qsgd", "qsgdinf", "nuqsgd", "alq", "trn")
+    for bits in range(1, 9)
+    if method != "trn" or bits == 2
+]
+
+
+@pytest.mark.parametrize(("method", "bits"), CASES)
+@pytest.mark.parametrize("tail", ["quantize", "full"])
+@pytest.mark.parametrize("d", [64, 200])
+def test_quantize_pack_matches_core(kernels: dict[str, int], method: str, bits: int, tail: str, d: int) -> None:
+    config = QuantizerConfig(method, bits=bits, bucket_size=d, tail=tail)
+    _check(_x(5 * d + 37, seed=bits), config)
+    assert kernels["quantize_pack"] == 1
+
+
+@pytest.mark.parametrize("d", [8192, 16384])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_paper_bucket_sizes(kernels: dict[str, int], d: int, bits: int) -> None:
+    config = QuantizerConfig("alq", bits=bits, bucket_size=d)
+    _check(_x(2 * d + 1001, seed=d), config)
+    assert kernels["quantize_pack"] == 1
+
+
+def test_arbitrary_level_table(kernels: dict[str, int]) -> None:
+    rng = np.random.default_rng(5)
+    for bits in (3, 6):
+        inner = np.sort(rng.uniform(-0.99, 0.99, 2**bits - 2))
+        levels = alq_core.validate_levels(np.concatenate([[-1.0], inner, [1.0]]))
+        _check(_x(1000, seed=bits) * 30, QuantizerConfig("alq", bits=bits, bucket_size=128), levels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_precision_input(kernels: dict[str, int], dtype: torch.dtype) -> None:
+    _check(_x(1500, dtype=dtype) * 100, QuantizerConfig("nuqsgd", bits=3, bucket_size=256))
+    assert kernels["quantize_pack"] == 1
+
+
+@pytest.mark.parametrize("config", [QuantizerConfig("trn", bucket_size=128), QuantizerConfig("qsgd", bits=2, bucket_size=96, clip=1.0)])
+def test_clipping(kernels: dict[str, int], config: QuantizerConfig) -> None:
+    x = torch.from_numpy(np.random.default_rng(0).standard_t(2, 1000).astype(np.float32))
+    x[200:296] = 3.0  # a constant bucket clips to zero
+    _check(x, config)
+    assert kernels["quantize_pack"] == 1
+
+
+def test_nonfinite_and_zero_buckets(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=64, nonfinite="propagate")
+    for norm in ("l2", "linf"):
+        cfg = QuantizerConfig("alq", bits=3, bucket_size=64, nonfinite="propagate", norm=norm)
+        x = _x(600)
+        x[10] = float("nan")
+        x[70] = float("inf")
+        x[140] = -float("inf")
+        x[192:256] = 0.0
+        x[300] = 3e38  # L2 norm overflows float32: non-finite scale
+        x[301] = 3e38
+        got = _check(x, cfg)
+        total = decode_sum(got[None, :], default_levels(config), cfg, 600)
+        assert torch.isnan(total[:192]).all() and (total[192:256] == 0).all()
+    raising = QuantizerConfig("alq", bits=3, bucket_size=64)
+    with pytest.raises(ValueError, match=r"bucket 0 \(coordinates 0\.\.63\) holds NaN or Inf \(4 such buckets\)"):
+        quantize_encode(x.to(DEVICE), default_levels(raising), raising, seed=1)
+
+
+@pytest.mark.parametrize("n", [0, 5, 64, 100])
+def test_edge_sizes(kernels: dict[str, int], n: int) -> None:
+    for tail in ("quantize", "full"):
+        _check(_x(n), QuantizerConfig("alq", bits=3, bucket_size=64, tail=tail))
+
+
+def test_unaligned_out_view(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=64)
+    levels = default_levels(config)
+    x = _x(333).to(DEVICE)
+    size = payload_size(config, 333)
+    buf = torch.full((size + 5,), 7, dtype=torch.uint8, device=DEVICE)
+    got = quantize_encode(x, levels, config, seed=11, out=buf[3 : 3 + size])
+    assert got.data_ptr() == buf.data_ptr() + 3
+    assert buf[:3].tolist() == [7, 7, 7] and buf[-2:].tolist() == [7, 7]
+    assert torch.equal(buf[3 : 3 + size], quantize_encode(x, levels, config, seed=11))
+
+
+def test_device_noise_is_deterministic_and_unbiased(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("nuqsgd", bits=3, bucket_size=256)
+    levels = default_levels(config)
+    n = 8192
+    x = _x(n, seed=9)
+    a = quantize_encode(x.to(DEVICE), levels, config, seed=1234)
+    assert torch.equal(a, quantize_encode(x.to(DEVICE), levels, config, seed=1234))
+    b = quantize_encode(x.to(DEVICE), levels, config, seed=1235)
+    assert not torch.equal(a, b)
+    codes = alq_core.decode(a.cpu().numpy()).codes.astype(np.int64)
+    host = x.numpy()
+    down = alq_core.quantize(host, levels, config, noise=np.full(n, np.nextafter(np.float32(1), np.float32(0)))).codes
+    up = alq_core.quantize(host, levels, config, noise=np.zeros(n, np.float32)).codes
+    assert np.all((codes == down) | (codes == up)), "a code outside its level bracket"
+    # rounding up happens with probability p: compare the count with its binomial spread
+    v = np.clip(host / np.repeat(alq_core.bucket_scales(host, config), 256)[:n], -1, 1).astype(np.float64)
+    j = down.astype(np.int64)
+    lv = levels.astype(np.float64)
+    p = np.where(up != down, (v - lv[j]) / (lv[np.minimum(j + 1, 7)] - lv[j]), 0.0)
+    ups = float(np.sum(codes != down))
+    spread = np.sqrt(np.sum(p * (1 - p)))
+    assert abs(ups - p.sum()) < 5 * spread + 1, f"{ups} round-ups, expected {p.sum():.1f} +- {spread:.1f}"
+    assert kernels["quantize_pack"] == 3
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 8])
+@pytest.mark.parametrize(("method", "bits", "tail"), [("alq", 3, "quantize"), ("qsgd", 8, "full"), ("nuqsgd", 5, "quantize"), ("trn", 2, "full"), ("qsgd", 1, "quantize")])
+def test_decode_sum_kernel_matches_composition(kernels: dict[str, int], w: int, method: str, bits: int, tail: str) -> None:
+    config = QuantizerConfig(method, bits=bits, bucket_size=96, tail=tail, nonfinite="propagate")
+    levels = default_levels(config)
+    n = 1000
+    xs = [_x(n, seed=i) * (i + 1) for i in range(w)]
+    xs[0][500] = float("nan")
+    payloads = torch.stack([quantize_encode(x, levels, config, seed=i) for i, x in enumerate(xs)])  # CPU path
+    # reference: the core's decode and dequantize, summed in payload order in float32
+    acc = None
+    for p in payloads:
+        part = alq_core.dequantize(alq_core.decode(p.numpy()), levels)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    expected = acc * np.float32(1 / w) if w > 1 else acc
+    got = decode_sum(payloads.to(DEVICE), levels, config, n, scale=1 / w)
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)
+    assert kernels["decode_sum"] == 1
+
+
+def test_decode_sum_out_of_range_code_is_nan(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("trn", bucket_size=64)
+    levels = default_levels(config)
+    p = quantize_encode(_x(128), levels, config, seed=0)
+    p[alq_core.HEADER_SIZE + 8] = 0xFF  # codes 3 (beyond the 3 levels)
+    got = decode_sum(p[None, :].to(DEVICE), levels, config, 128)
+    assert torch.isnan(got[:4]).all() and torch.isfinite(got[4:]).all()
+
+
+@pytest.mark.parametrize("d", [100, 7, 32768])
+def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: int) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=d)
+    _check(_x(2 * d + 13), config)
+    assert kernels["quantize_pack"] == 0
+
+
+@needs_cuda
+def test_cuda_large_matches_core() -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=8192)
+    levels = default_levels(config)
+    n = 3_000_017
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    u = np.random.default_rng(0).random(n, dtype=np.float32)
+    expected = alq_core.encode(alq_core.quantize(x.numpy(), levels, config, noise=u), levels)
+    got = quantize_encode(x.cuda(), levels, config, noise=torch.from_numpy(u).cuda())
+    assert_payloads_equal(got.cpu(), expected)
+    total = decode_sum(torch.stack([got, got]), levels, config, n, scale=0.5)
+    deq = alq_core.dequantize(alq_core.decode(expected), levels)
+    np.testing.assert_array_equal(total.cpu().numpy(), (deq + deq) * np.float32(0.5))
+
+
+@needs_cuda
+def test_cuda_import_does_not_compile() -> None:
+    assert hasattr(alq_torch, "quantize_encode")
