@@ -1,0 +1,760 @@
+"""The DDP communication hook: quantized gradients packed and sent between processes.
+
+Register it with ``ddp_model.register_comm_hook(ALQState(config), alq_hook)``.
+Every DDP bucket is quantized into a fixed-size payload (SPEC section 4),
+exchanged, decoded and averaged in place into ``bucket.buffer()``.
+
+Two collectives (SPEC section 10):
+
+* ``"allgather"``: each rank quantizes its bucket once; the payloads are
+  all-gathered and every rank decodes and averages all ``W`` of them. A rank
+  transmits ``(W-1) * P`` bytes: the volume grows with the world size, the
+  error is that of averaging ``W`` independent quantizations.
+* ``"reduce_scatter"``: the bucket is split into ``W`` chunks on quantization
+  bucket boundaries; chunk ``k`` of every rank goes to rank ``k``
+  (all-to-all), which decodes and averages it, requantizes the average with
+  the same levels, and all-gathers it. A rank transmits about ``2 P (W-1)/W``
+  bytes whatever ``W``; the second quantization adds the variance of one
+  quantization of the averaged chunk.
+
+``collective="auto"`` takes ``allgather`` up to ``allgather_max_world`` ranks
+(default 4) and ``reduce_scatter`` above.
+
+Level tables are identical on all ranks: at a level-update round, every rank's
+per-bucket statistics are all-gathered, rank 0 fits the new table with the
+core's :class:`alq_core.AdaptiveQuantizer` and broadcasts the quantizer's whole
+state, so every rank holds the same table, version and optimizer state. Every
+payload carries the table version and checksum; a mismatch raises
+:class:`alq_core.PayloadError`.
+
+Noise is derived from ``(seed, step, bucket, rank, phase, chunk)`` only, so a
+job resumed from :meth:`ALQState.state_dict` continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Literal
+
+import alq_core
+import numpy as np
+import torch
+import torch.distributed as dist
+from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, payload_size, table_checksum
+
+from ._stats import bucket_stats
+from ._tables import header_tensor
+from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span
+from ._wire import decode_sum, quantize_encode
+
+Collective = Literal["auto", "allgather", "reduce_scatter"]
+_COLLECTIVES = ("auto", "allgather", "reduce_scatter")
+_STATE_FORMAT = 1
+_M64 = (1 << 64) - 1
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``decode_sum`` can skip its host-side header check (the hook then checks on the device).
+_DECODE_CAN_SKIP_CHECK = "check_headers" in inspect.signature(decode_sum).parameters
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64 finalizer: a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, order-sensitive)."""
+    h = 0x5AD5EED
+    for p in parts:
+        h = _mix64(h ^ (p & _M64))
+    return h >> 1
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
+    """``all_gather_single`` (torch >= 2.12) or ``all_gather_into_tensor`` into a flat output."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
+def _run_after(fut: torch.futures.Future[Any], fn: Callable[[torch.futures.Future[Any]], Any]) -> Any:
+    """Run ``fn(fut)`` now, in this thread, synchronized with ``fut`` (its streams on CUDA).
+
+    Collectives launched by ``fn`` are then issued in the same order on every
+    rank (a callback running in a backend thread could interleave with the next
+    bucket's collectives). A not-yet-complete future (Gloo) is waited for first.
+    """
+    if not fut.done():
+        fut.wait()
+    box: list[Any] = []
+    errors: list[BaseException] = []
+
+    def call(f: torch.futures.Future[Any]) -> None:
+        try:
+            box.append(fn(f))
+        except BaseException as exc:  # re-raised below with its own type (PayloadError...)
+            errors.append(exc)
+
+    fut.then(call)
+    if errors:
+        raise errors[0]
+    if not box:
+        msg = "internal error: a completed future did not run its callback inline"
+        raise RuntimeError(msg)
+    return box[0]
+
+
+class _PendingCheck:
+    """A device-side header comparison, read back without stalling (pinned copy + event)."""
+
+    __slots__ = ("_event", "_flag", "what")
+
+    def __init__(self, bad: torch.Tensor, what: str) -> None:
+        self._flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        self._flag.copy_(bad.reshape(1), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self.what = what
+
+    def failed(self, block: bool) -> bool | None:
+        if not block and not self._event.query():
+            return None
+        self._event.synchronize()
+        return bool(self._flag.item())
+
+
+class ALQState:
+    """State of :func:`alq_hook`: configuration, level table, step counter, telemetry.
+
+    Parameters
+    ----------
+    config : alq_core.QuantizerConfig
+        Method, bits, bucket size, norm, tail, clipping. Its ``nonfinite`` field
+        is overridden with ``"propagate"``: a bucket holding NaN or Inf decodes
+        to NaN on every rank, so AMP's ``GradScaler`` sees the overflow and skips
+        the step exactly as it would without the hook.
+    process_group : ProcessGroup, optional
+        The group DDP reduces over (default: the world group).
+    collective : {"auto", "allgather", "reduce_scatter"}
+        See the module notes. ``"reduce_scatter"`` falls back to ``"allgather"``
+        for a bucket with fewer quantization buckets than ranks.
+    warmup_steps : int
+        Communication rounds at the start that use the exact all-reduce average.
+    exact_below : int
+        DDP buckets with fewer elements are sent exactly (default 16384 = 64 KB
+        of float32: below that, latency dominates and quantizing saves nothing).
+    quantizer : alq_core.AdaptiveQuantizer, optional
+        Owns the level table and its update schedule; built from ``config`` (and
+        ``schedule``) when not given. Fixed methods never update.
+    schedule : optional
+        Passed to :class:`alq_core.AdaptiveQuantizer` when ``quantizer`` is None.
+    seed : int
+        Base of every noise seed (combined with step, bucket, rank, phase).
+    dist_num : int
+        Buckets kept by the norm-based statistics model (SPEC section 5).
+    stats_weights : {"norm", "norm2"}
+        Mixture weights of the norm-based model.
+    allgather_max_world : int
+        Largest world size that ``collective="auto"`` sends by all-gather.
+    measure_variance : bool or int
+        Measure ``||Q(g) - g||^2 / ||g||^2`` of this rank's quantization: every
+        round (True) or every ``k`` rounds (an int). Costs one extra local decode.
+    timing : bool
+        Record quantize / communicate / decode times (CUDA events on the GPU).
+    telemetry : bool
+        Keep :class:`StepRecord` s (the last ``telemetry_history`` rounds).
+    telemetry_history : int
+        Rounds kept.
+
+    Attributes
+    ----------
+    step : int
+        Communication rounds completed (one per synchronized backward pass).
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        *,
+        process_group: Any = None,
+        collective: str = "auto",
+        warmup_steps: int = 0,
+        exact_below: int = 16384,
+        quantizer: Any = None,
+        schedule: Any = None,
+        seed: int = 0,
+        dist_num: int = 50,
+        stats_weights: str = "norm",
+        allgather_max_world: int = 4,
+        measure_variance: bool | int = False,
+        timing: bool = True,
+        telemetry: bool = True,
+        telemetry_history: int = 1000,
+    ) -> None:
+        if not isinstance(config, QuantizerConfig):
+            msg = f"`config` must be an alq_core.QuantizerConfig; got {type(config).__name__}"
+            raise TypeError(msg)
+        if collective not in _COLLECTIVES:
+            msg = f"`collective` must be one of {', '.join(map(repr, _COLLECTIVES))}; got {collective!r}"
+            raise ValueError(msg)
+        for name, value, low in (
+            ("warmup_steps", warmup_steps, 0),
+            ("exact_below", exact_below, 0),
+            ("seed", seed, 0),
+            ("dist_num", dist_num, 1),
+            ("allgather_max_world", allgather_max_world, 1),
+            ("telemetry_history", telemetry_history, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                msg = f"`{name}` must be an integer >= {low}; got {value!r}"
+                raise ValueError(msg)
+        if isinstance(measure_variance, bool):
+            every = 1 if measure_variance else 0
+        elif isinstance(measure_variance, int) and measure_variance >= 0:
+            every = measure_variance
+        else:
+            msg = f"`measure_variance` must be a bool or a non-negative integer (every k rounds); got {measure_variance!r}"
+            raise ValueError(msg)
+        if stats_weights not in ("norm", "norm2"):
+            msg = f"`stats_weights` must be 'norm' or 'norm2'; got {stats_weights!r}"
+            raise ValueError(msg)
+        self.config = dataclasses.replace(config, nonfinite="propagate") if config.quantized else config
+        self.process_group = process_group
+        self.collective = collective
+        self.warmup_steps = warmup_steps
+        self.exact_below = exact_below
+        self.seed = seed
+        self.dist_num = dist_num
+        self.stats_weights = stats_weights
+        self.allgather_max_world = allgather_max_world
+        self.measure_variance_every = every
+        self.timing = timing
+        self.keep_telemetry = telemetry
+        if quantizer is None:
+            kwargs: dict[str, Any] = {}
+            if schedule is not None:
+                kwargs["schedule"] = schedule
+            quantizer = alq_core.AdaptiveQuantizer(self.config, **kwargs)
+        self.quantizer = quantizer
+        self.step = 0
+        self._records: deque[StepRecord] = deque(maxlen=telemetry_history)
+        self._current: StepRecord | None = None
+        self._in_round = False
+        self._update_due = False
+        self._stats: list[torch.Tensor] = []
+        self._pending: list[_PendingCheck] = []
+        self._lock = threading.Lock()
+        self._table_key: tuple[int, str] | None = None
+        self._table_dev: torch.Tensor | None = None
+        self._table_crc = 0
+
+    # ------------------------------------------------------------------ group
+    @property
+    def world_size(self) -> int:
+        """Ranks in the process group."""
+        return int(dist.get_world_size(self.process_group))
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        return int(dist.get_rank(self.process_group))
+
+    # ------------------------------------------------------------------ levels
+    @property
+    def levels(self) -> np.ndarray | None:
+        """The level table in force, float32 ``(L,)`` (None for ``fp32``)."""
+        lv = self.quantizer.levels
+        return None if lv is None else np.asarray(lv, dtype=np.float32)
+
+    @property
+    def table_version(self) -> int:
+        """Version of the level table in force (written into every payload)."""
+        return int(self.quantizer.version)
+
+    def _device_table(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        version = self.table_version
+        key = (version, str(device))
+        if self._table_key != key or self._table_dev is None:
+            host = self.levels
+            assert host is not None
+            self._table_dev = torch.from_numpy(host.copy()).to(device)
+            self._table_crc = table_checksum(host)
+            self._table_key = key
+        return self._table_dev, version, self._table_crc
+
+    # --------------------------------------------------------------- telemetry
+    @property
+    def telemetry(self) -> list[StepRecord]:
+        """The kept :class:`StepRecord` s, oldest first (pending GPU timings are resolved: this synchronizes)."""
+        records = list(self._records)
+        for r in records:
+            r._resolve(block=True)
+        return records
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        """The most recent completed round's record (resolved), or None."""
+        if not self._records:
+            return None
+        rec = self._records[-1]
+        rec._resolve(block=True)
+        return rec
+
+    def check(self) -> None:
+        """Raise :class:`alq_core.PayloadError` if a GPU header check of an earlier round failed.
+
+        On CUDA the hook compares payload headers on the device (no stall) and
+        raises at the next hook call; calling this after ``optimizer.step()``
+        detects a mismatch one step earlier. Synchronizes with earlier rounds.
+        """
+        self._raise_failed_checks(block=True)
+
+    def _raise_failed_checks(self, block: bool) -> None:
+        keep: list[_PendingCheck] = []
+        for p in self._pending:
+            failed = p.failed(block)
+            if failed is None:
+                keep.append(p)
+            elif failed:
+                self._pending = []
+                msg = (
+                    f"{p.what}: a payload header did not match this rank's (level-table version, table checksum,"
+                    " configuration or element count): the ranks' level tables diverged. The averaged gradient"
+                    " of that bucket was replaced by NaN."
+                )
+                raise PayloadError(msg)
+        self._pending = keep
+
+    # ------------------------------------------------------------------ rounds
+    def _begin_bucket(self) -> StepRecord | None:
+        if not self._in_round:
+            self._in_round = True
+            self._raise_failed_checks(block=False)
+            for r in list(self._records)[-4:]:
+                r._resolve(block=False)
+            self._stats = []
+            cfg = self.config
+            self._update_due = bool(
+                cfg.quantized and self.world_size > 1 and self.quantizer.due(self.step)
+            )
+            self._current = StepRecord(self.step) if self.keep_telemetry else None
+        return self._current
+
+    def _end_round(self, device: torch.device) -> None:
+        if self._update_due:
+            update = self._update_levels(device)
+            if self._current is not None:
+                self._current.level_update = update
+        if self._current is not None:
+            self._records.append(self._current)
+        self._current = None
+        self._in_round = False
+        self._update_due = False
+        self._stats = []
+        self.step += 1
+
+    def _measure_now(self) -> bool:
+        k = self.measure_variance_every
+        return k > 0 and self.step % k == 0
+
+    # ------------------------------------------------------------ level update
+    def _update_levels(self, device: torch.device) -> LevelUpdateRecord:
+        t0 = time.perf_counter()
+        before = self.table_version
+        group = self.process_group
+        world = self.world_size
+        if self._stats:
+            local = torch.cat(self._stats, dim=1).contiguous()  # (4, K) float64
+        else:
+            local = torch.zeros(4, 0, dtype=torch.float64, device=device)
+        k = local.shape[1]
+        gathered = torch.empty(world * 4 * k, dtype=torch.float64, device=device)
+        if k:
+            _all_gather_flat(gathered, local.reshape(-1), group, async_op=False)
+        rows = gathered.reshape(world, 4, k).permute(1, 0, 2).reshape(4, world * k).cpu().numpy()
+        reason = ""
+        payload: list[Any] = [None, "", 0]
+        if self.rank == 0:
+            norms, means, stds, sizes = rows
+            ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)
+            try:
+                stats = alq_core.GradientStats.from_buckets(
+                    norms[ok],
+                    means[ok],
+                    stds[ok],
+                    sizes[ok].astype(np.int64),
+                    dist_num=self.dist_num,
+                    weights=self.stats_weights,
+                )
+                report = self.quantizer.update(stats, self.step)
+                reason = str(getattr(report, "reason", "") or "updated")
+            except Exception as exc:  # a failed fit must never stop training
+                reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
+            if not ok.all():
+                reason += f" ({int((~ok).sum())} non-finite or zero buckets left out)"
+            payload = [self.quantizer.state_dict(), reason, int(ok.sum())]
+        if world > 1:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            dist.broadcast_object_list(payload, src=src, group=group, device=device)
+            if self.rank != 0:
+                self.quantizer.load_state_dict(payload[0])
+        reason, used = str(payload[1]), int(payload[2])
+        after = self.table_version
+        lv = self.levels
+        return LevelUpdateRecord(
+            step=self.step,
+            updated=after != before,
+            reason=reason,
+            version=after,
+            previous_version=before,
+            num_buckets=used,
+            seconds=time.perf_counter() - t0,
+            levels=tuple(float(v) for v in lv) if lv is not None else (),
+        )
+
+    # -------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data to resume from: step counter, seed, level table, quantizer state.
+
+        Identical on every rank; save it from rank 0 with the model and the
+        optimizer, and :meth:`load_state_dict` it on every rank before training
+        resumes. Checks pending GPU header comparisons first (synchronizes).
+
+        Notes
+        -----
+        The noise of every payload is a function of ``(seed, step, bucket index,
+        rank)``, so the resumed job repeats the original bit for bit *when DDP
+        presents the same buckets*. DDP rebuilds its buckets after its first
+        backward pass (by gradient-ready order) unless ``find_unused_parameters=True``;
+        a restarted job's first round then quantizes another layout than the
+        original run did at that step: statistically equivalent, not identical.
+        For bitwise reproducibility across restarts, build DDP with
+        ``find_unused_parameters=True`` (its layout is then fixed at construction).
+        """
+        self._raise_failed_checks(block=True)
+        cfg = self.config
+        return {
+            "format": _STATE_FORMAT,
+            "config": {
+                "method": cfg.method,
+                "bits": cfg.bits,
+                "bucket_size": cfg.bucket_size,
+                "norm": cfg.norm,
+                "tail": cfg.tail,
+            },
+            "step": self.step,
+            "seed": self.seed,
+            "quantizer": self.quantizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the next round continues bit-identically."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            msg = f"expected an ALQState.state_dict() of format {_STATE_FORMAT}; got {got!r}"
+            raise ValueError(msg)
+        cfg = self.config
+        mine = {"method": cfg.method, "bits": cfg.bits, "bucket_size": cfg.bucket_size, "norm": cfg.norm, "tail": cfg.tail}
+        if state["config"] != mine:
+            msg = f"checkpoint was saved with {state['config']}, this state is configured with {mine}; build the state with the saved configuration"
+            raise ValueError(msg)
+        self.quantizer.load_state_dict(state["quantizer"])
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self._table_key = None
+        self._in_round = False
+        self._stats = []
+
+    # ------------------------------------------------------------ collectives
+    def _mode(self, buf: torch.Tensor) -> tuple[str, str | None]:
+        world = self.world_size
+        if world == 1:
+            return "local", "world_size_1"
+        if not self.config.quantized:
+            return "allreduce", "fp32"
+        if buf.dtype not in _FLOAT_DTYPES:
+            return "allreduce", "dtype"
+        if self.step < self.warmup_steps:
+            return "allreduce", "warmup"
+        if buf.numel() < max(self.exact_below, 1):
+            return "allreduce", "small"
+        want = self.collective
+        if want == "auto":
+            want = "allgather" if world <= self.allgather_max_world else "reduce_scatter"
+        if want == "reduce_scatter" and -(-buf.numel() // self.config.bucket_size) < world:
+            want = "allgather"
+        return want, None
+
+    def _communicate(self, buf: torch.Tensor, index: int, is_last: bool) -> torch.futures.Future[torch.Tensor]:
+        step_rec = self._begin_bucket()
+        flat = buf.view(-1)
+        mode, reason = self._mode(flat)
+        world = self.world_size
+        itemsize = flat.element_size()
+        exact_bytes = (2 * (world - 1) * flat.numel() * itemsize) // world
+        rec = BucketRecord(
+            index=index,
+            numel=flat.numel(),
+            dtype=str(flat.dtype).replace("torch.", ""),
+            mode=mode,
+            reason=reason,
+            table_version=None,
+            bytes_sent=exact_bytes,
+            bytes_exact=exact_bytes,
+        )
+        if step_rec is not None:
+            step_rec.buckets.append(rec)
+        if (
+            self._update_due
+            and reason in (None, "warmup")
+            and flat.numel() >= max(self.exact_below, 1)
+            and flat.numel() >= self.config.bucket_size
+        ):
+            norms, means, stds, sizes = bucket_stats(flat, self.config.bucket_size)
+            self._stats.append(torch.stack([norms, means, stds, sizes.to(torch.float64)]))
+        try:
+            if mode == "local":
+                fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+                fut.set_result(buf)
+            elif mode == "allreduce":
+                fut = self._allreduce(buf, rec)
+            elif mode == "allgather":
+                fut = self._allgather(buf, flat, index, rec)
+            else:
+                fut = self._reduce_scatter(buf, flat, index, rec)
+        finally:
+            if is_last:
+                self._end_round(flat.device)
+        return fut
+
+    def _timed(self, rec: BucketRecord, name: str, device: torch.device) -> _Span | None:
+        if not self.timing:
+            return None
+        span = rec._span(name, device)
+        span.start()
+        return span
+
+    def _allreduce(self, buf: torch.Tensor, rec: BucketRecord) -> torch.futures.Future[torch.Tensor]:
+        span = self._timed(rec, "communicate", buf.device)
+        buf.div_(self.world_size)
+        work = dist.all_reduce(buf, group=self.process_group, async_op=True)
+
+        def done(f: torch.futures.Future[Any]) -> torch.Tensor:
+            f.value()  # re-raises a failed collective
+            if span is not None:
+                span.stop()
+            return buf
+
+        return work.get_future().then(done)
+
+    def _check_heads(
+        self, payloads: torch.Tensor, n: int, levels: torch.Tensor, version: int, crc: int, what: str
+    ) -> torch.Tensor | None:
+        """Device-side header check; returns a NaN/1 factor to poison the result (CUDA), or None (checked on host)."""
+        if payloads.device.type != "cuda" or not _DECODE_CAN_SKIP_CHECK:
+            return None
+        head = header_tensor(self.config, n, version, crc, payloads.device)
+        bad = (payloads[:, :HEADER_SIZE] != head).any()
+        with self._lock:
+            self._pending.append(_PendingCheck(bad, what))
+        return torch.where(bad, torch.tensor(float("nan"), device=bad.device), torch.tensor(1.0, device=bad.device))
+
+    def _decode(
+        self,
+        payloads: torch.Tensor,
+        levels: torch.Tensor,
+        version: int,
+        crc: int,
+        n: int,
+        scale: float,
+        out: torch.Tensor | None,
+        what: str,
+    ) -> torch.Tensor:
+        factor = self._check_heads(payloads, n, levels, version, crc, what)
+        if factor is None:
+            res = decode_sum(payloads, levels, self.config, n, table_version=version, out=out, scale=scale)
+        else:
+            res = decode_sum(
+                payloads, levels, self.config, n, table_version=version, out=out, scale=scale, check_headers=False
+            )
+            res.mul_(factor)
+        return res
+
+    def _local_variance(
+        self, payload: torch.Tensor, x: torch.Tensor, levels: torch.Tensor, version: int, rec: BucketRecord
+    ) -> None:
+        n = x.numel()
+        deq = decode_sum(payload.view(1, -1), levels, self.config, n, table_version=version)
+        ref = x.to(torch.float32)
+        err = (deq - ref).double().square().sum()
+        rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
+
+    def _allgather(
+        self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
+    ) -> torch.futures.Future[torch.Tensor]:
+        cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
+        device = flat.device
+        levels, version, crc = self._device_table(device)
+        n = flat.numel()
+        size = payload_size(cfg, n)
+        rec.table_version = version
+        rec.bytes_sent = (world - 1) * size
+        span_q = self._timed(rec, "quantize", device)
+        payload = torch.empty(size, dtype=torch.uint8, device=device)
+        quantize_encode(
+            flat, levels, cfg, table_version=version, seed=_derive_seed(self.seed, step, index, rank, 1, 0), out=payload
+        )
+        if span_q is not None:
+            span_q.stop()
+        if self._measure_now():
+            self._local_variance(payload, flat, levels, version, rec)
+        gathered = torch.empty(world * size, dtype=torch.uint8, device=device)
+        span_c = self._timed(rec, "communicate", device)
+        work = _all_gather_flat(gathered, payload, self.process_group, async_op=True)
+        out32 = flat if flat.dtype == torch.float32 else None
+        what = f"step {step}, bucket {index}"
+
+        def finish(f: torch.futures.Future[Any]) -> torch.Tensor:
+            f.value()  # re-raises a failed collective
+            if span_c is not None:
+                span_c.stop()
+            if device.type == "cuda":
+                gathered.record_stream(torch.cuda.current_stream(device))
+            span_d = self._timed(rec, "decode", device)
+            res = self._decode(gathered.view(world, size), levels, version, crc, n, 1.0 / world, out32, what)
+            if res is not flat:
+                flat.copy_(res)
+            if span_d is not None:
+                span_d.stop()
+            return buf
+
+        return work.get_future().then(finish)
+
+    def _reduce_scatter(
+        self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
+    ) -> torch.futures.Future[torch.Tensor]:
+        cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
+        device = flat.device
+        levels, version, crc = self._device_table(device)
+        n, d = flat.numel(), cfg.bucket_size
+        nb = -(-n // d)
+        edges = [min(n, (k * nb // world) * d) for k in range(world + 1)]
+        counts = [edges[k + 1] - edges[k] for k in range(world)]
+        sizes = [payload_size(cfg, c) for c in counts]
+        offsets = [sum(sizes[:k]) for k in range(world)]
+        mine, own = counts[rank], sizes[rank]
+        pmax = max(sizes)
+        rec.table_version = version
+        rec.bytes_sent = (sum(sizes) - own) + (world - 1) * pmax
+        what = f"step {step}, bucket {index}"
+        measure = self._measure_now()
+
+        span_q = self._timed(rec, "quantize", device)
+        send = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        for k in range(world):
+            quantize_encode(
+                flat[edges[k] : edges[k + 1]],
+                levels,
+                cfg,
+                table_version=version,
+                seed=_derive_seed(self.seed, step, index, rank, 1, k),
+                out=send[offsets[k] : offsets[k] + sizes[k]],
+            )
+        if span_q is not None:
+            span_q.stop()
+        if measure:
+            for k in range(world):
+                self._local_variance(
+                    send[offsets[k] : offsets[k] + sizes[k]], flat[edges[k] : edges[k + 1]], levels, version, rec
+                )
+        recv = torch.empty(world * own, dtype=torch.uint8, device=device)
+        span_c1 = self._timed(rec, "communicate", device)
+        work = dist.all_to_all_single(
+            recv, send, output_split_sizes=[own] * world, input_split_sizes=sizes, group=self.process_group, async_op=True
+        )
+
+        def phase2(f: torch.futures.Future[Any]) -> torch.futures.Future[torch.Tensor]:
+            f.value()  # re-raises a failed collective
+            if span_c1 is not None:
+                span_c1.stop()
+            if device.type == "cuda":
+                recv.record_stream(torch.cuda.current_stream(device))
+                send.record_stream(torch.cuda.current_stream(device))
+            span_d1 = self._timed(rec, "decode", device)
+            owned = self._decode(recv.view(world, own), levels, version, crc, mine, 1.0 / world, None, what)
+            if span_d1 is not None:
+                span_d1.stop()
+            span_q2 = self._timed(rec, "quantize", device)
+            send2 = torch.zeros(pmax, dtype=torch.uint8, device=device)
+            quantize_encode(
+                owned,
+                levels,
+                cfg,
+                table_version=version,
+                seed=_derive_seed(self.seed, step, index, rank, 2, rank),
+                out=send2[:own],
+            )
+            if span_q2 is not None:
+                span_q2.stop()
+            gathered = torch.empty(world * pmax, dtype=torch.uint8, device=device)
+            span_c2 = self._timed(rec, "communicate", device)
+            work2 = _all_gather_flat(gathered, send2, self.process_group, async_op=True)
+
+            def finish(f2: torch.futures.Future[Any]) -> torch.Tensor:
+                f2.value()  # re-raises a failed collective
+                if span_c2 is not None:
+                    span_c2.stop()
+                if device.type == "cuda":
+                    gathered.record_stream(torch.cuda.current_stream(device))
+                span_d2 = self._timed(rec, "decode", device)
+                rows = gathered.view(world, pmax)
+                for k in range(world):
+                    part = flat[edges[k] : edges[k + 1]]
+                    out32 = part if part.dtype == torch.float32 else None
+                    res = self._decode(rows[k : k + 1, : sizes[k]], levels, version, crc, counts[k], 1.0, out32, what)
+                    if res is not part:
+                        part.copy_(res)
+                if span_d2 is not None:
+                    span_d2.stop()
+                return buf
+
+            return work2.get_future().then(finish)
+
+        result: torch.futures.Future[torch.Tensor] = _run_after(work.get_future(), phase2)
+        return result
+
+
+def alq_hook(state: ALQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: quantize, exchange, decode and average one bucket.
+
+    Parameters
+    ----------
+    state : ALQState
+    bucket : torch.distributed.GradBucket
+        DDP's bucket; its flat ``buffer()`` (float32, float16 or bfloat16, shape
+        ``(n,)``) is overwritten with the average over ranks, in its own dtype.
+
+    Returns
+    -------
+    torch.futures.Future of Tensor
+        Completes with ``bucket.buffer()`` holding the averaged gradient.
+
+    Examples
+    --------
+    >>> state = ALQState(QuantizerConfig("alq", bits=3, bucket_size=8192))  # doctest: +SKIP
+    >>> ddp_model.register_comm_hook(state, alq_hook)  # doctest: +SKIP
+    """
+    if not isinstance(state, ALQState):
+        msg = f"`state` must be an ALQState; got {type(state).__name__} (register_comm_hook(ALQState(config), alq_hook))"
+        raise TypeError(msg)
+    return state._communicate(bucket.buffer(), int(bucket.index()), bool(bucket.is_last()))
+
+
+# DDP checks the hook's annotations by identity (``dist.GradBucket``), not as strings.
+alq_hook.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]})

@@ -1,0 +1,340 @@
+"""Multi-process scenarios for the DDP hook tests (imported by spawned workers).
+
+Every scenario runs on every rank of one process group and returns a dict of
+plain values / tensors; :func:`run_group` saves them per rank, and the tests
+(in the parent process) load them and check them against references computed
+with the NumPy core. One spawn serves many scenarios: starting processes and
+importing torch is the slow part.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from alq_core import METHODS, PayloadError, QuantizerConfig
+
+from alq_torch import ALQState, alq_hook
+
+BUCKET = 256
+#: Two DDP-bucket sizes per round: uneven (tail of 77) and exact multiple.
+SIZES = (20 * BUCKET + 77, 6 * BUCKET)
+QUANTIZED = [m for m, spec in METHODS.items() if spec.quantized]
+
+
+class FakeBucket:
+    """The part of ``torch.distributed.GradBucket`` the hook uses."""
+
+    def __init__(self, buf: torch.Tensor, index: int, last: bool) -> None:
+        self._buf, self._index, self._last = buf, index, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+    def parameters(self) -> list[torch.Tensor]:
+        return []
+
+
+def local_grad(step: int, index: int, rank: int, n: int) -> np.ndarray:
+    """A gradient-like float32 vector: normal times a log-normal envelope, a few outliers."""
+    rng = np.random.default_rng([step, index, rank, n])
+    env = np.exp(0.7 * rng.standard_normal(n // 64 + 1)).repeat(64)[:n]
+    g = rng.standard_normal(n) * env * 1e-2
+    g[rng.integers(0, n, 3)] *= 30.0
+    return g.astype(np.float32)
+
+
+def schedule_kwargs() -> dict[str, Any]:
+    """Level updates at rounds 0 and 1 (so round 1 uses version 1 and round 2 version 2)."""
+    return {"schedule": [0, 1]}
+
+
+def hook_rounds(
+    method: str,
+    collective: str,
+    *,
+    device: torch.device,
+    rounds: int = 3,
+    dtype: torch.dtype = torch.float32,
+    group: Any = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    """Call the hook directly on two buckets per round; return inputs' levels and the outputs."""
+    rank = dist.get_rank(group)
+    cfg = QuantizerConfig(method, bits=3, bucket_size=BUCKET)
+    state = ALQState(cfg, process_group=group, collective=collective, exact_below=0, **schedule_kwargs(), **kw)
+    out: dict[str, Any] = {"levels": [], "versions": [], "results": []}
+    for step in range(rounds):
+        out["levels"].append(None if state.levels is None else state.levels.copy())
+        out["versions"].append(state.table_version)
+        res = []
+        for i, n in enumerate(SIZES):
+            buf = torch.from_numpy(local_grad(step, i, rank, n)).to(device=device, dtype=dtype)
+            fut = alq_hook(state, FakeBucket(buf, i, i == len(SIZES) - 1))  # type: ignore[arg-type]
+            got = fut.wait()
+            if isinstance(got, list):
+                got = got[0]
+            assert got.data_ptr() == buf.data_ptr(), "the hook must return bucket.buffer()"
+            res.append(got.cpu())
+        out["results"].append(res)
+    tel = state.telemetry
+    out["modes"] = [[b.mode for b in r.buckets] for r in tel]
+    out["ratios"] = [r.compression_ratio for r in tel]
+    out["updates"] = [
+        None if r.level_update is None else (r.level_update.updated, r.level_update.version, r.level_update.reason)
+        for r in tel
+    ]
+    out["variance"] = [r.variance for r in tel]
+    out["step"] = state.step
+    return out
+
+
+# ----------------------------------------------------------------- scenarios
+def sc_methods(device: torch.device) -> dict[str, Any]:
+    res: dict[str, Any] = {"fp32": hook_rounds("fp32", "allgather", device=device, rounds=1)}
+    for method in QUANTIZED:
+        for coll in ("allgather", "reduce_scatter"):
+            res[f"{method}/{coll}"] = hook_rounds(method, coll, device=device, measure_variance=True)
+    return res
+
+
+def sc_half(device: torch.device) -> dict[str, Any]:
+    return {
+        str(dt).replace("torch.", ""): hook_rounds("alq", coll, device=device, rounds=2, dtype=dt)
+        for dt, coll in ((torch.float16, "allgather"), (torch.bfloat16, "reduce_scatter"))
+    }
+
+
+def sc_warmup(device: torch.device) -> dict[str, Any]:
+    return {"alq": hook_rounds("alq", "allgather", device=device, rounds=3, warmup_steps=2)}
+
+
+def sc_world1(device: torch.device) -> dict[str, Any]:
+    group = dist.new_group([0])  # every rank must take part in creating it
+    if dist.get_rank() != 0:
+        return {}
+    return {"alq": hook_rounds("alq", "allgather", device=device, rounds=2, group=group)}
+
+
+def sc_nonfinite(device: torch.device) -> dict[str, Any]:
+    rank = dist.get_rank()
+    out = {}
+    for coll in ("allgather", "reduce_scatter"):
+        cfg = QuantizerConfig("qsgdinf", bits=3, bucket_size=BUCKET)
+        state = ALQState(cfg, collective=coll, exact_below=0)
+        buf = torch.from_numpy(local_grad(0, 0, rank, SIZES[0])).to(device)
+        if rank == 1:
+            buf[3 * BUCKET + 5] = float("inf")
+            buf[7 * BUCKET + 1] = float("nan")
+        out[coll] = alq_hook(state, FakeBucket(buf, 0, True)).wait().cpu()  # type: ignore[arg-type]
+    return out
+
+
+def sc_mismatch(device: torch.device) -> dict[str, Any]:
+    rank = dist.get_rank()
+    out: dict[str, Any] = {}
+    for coll in ("allgather", "reduce_scatter"):
+        cfg = QuantizerConfig("nuqsgd", bits=3, bucket_size=BUCKET)
+        state = ALQState(cfg, collective=coll, exact_below=0)
+        if rank == 1:  # a rank that resumed from another checkpoint
+            sd = state.quantizer.state_dict()
+            sd["version"] = sd["version"] + 5
+            state.quantizer.load_state_dict(sd)
+        buf = torch.from_numpy(local_grad(0, 0, rank, SIZES[0])).to(device)
+        try:
+            alq_hook(state, FakeBucket(buf, 0, True)).wait()  # type: ignore[arg-type]
+            state.check()
+            out[coll] = "no error"
+        except (PayloadError, RuntimeError) as exc:
+            out[coll] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(32, 256)
+        self.b = torch.nn.Linear(256, 128)
+        self.c = torch.nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _batch(step: int, micro: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    x = torch.randn(16, 32, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _ddp(device: torch.device, state: ALQState | None, fixed_layout: bool = False) -> tuple[Any, torch.optim.Optimizer]:
+    """The test net under DDP: two buckets (34186 and 8448 elements) after DDP's rebuild.
+
+    ``fixed_layout``: ``find_unused_parameters=True``, with which DDP keeps its
+    initial bucket layout instead of rebuilding it after the first backward.
+    """
+    torch.manual_seed(0)
+    net = _Net().to(device)
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=ids, bucket_cap_mb=0.05, find_unused_parameters=fixed_layout
+    )
+    if state is not None:
+        ddp.register_comm_hook(state, alq_hook)
+    return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+
+
+def _grads(ddp: Any) -> list[torch.Tensor]:
+    return [p.grad.detach().cpu().clone() for p in ddp.parameters()]
+
+
+def _train(ddp: Any, opt: torch.optim.Optimizer, steps: range, device: torch.device, micro: int = 1) -> list[Any]:
+    rank = dist.get_rank()
+    grads = []
+    for step in steps:
+        opt.zero_grad()
+        for m in range(micro):
+            x, y = _batch(step, m, rank, device)
+            if m < micro - 1:
+                with ddp.no_sync():
+                    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            else:
+                torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        grads.append(_grads(ddp))
+        opt.step()
+    return grads
+
+
+def _cfg(method: str = "alq") -> QuantizerConfig:
+    return QuantizerConfig(method, bits=3, bucket_size=BUCKET)
+
+
+def sc_ddp(device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ref, ref_opt = _ddp(device, None)
+    out["exact"] = _train(ref, ref_opt, range(3), device)
+    # warm-up rounds are exact: bit-identical to DDP without a hook
+    st = ALQState(_cfg(), warmup_steps=2, exact_below=10000, **schedule_kwargs())
+    ddp, opt = _ddp(device, st)
+    out["warm"] = _train(ddp, opt, range(3), device)
+    out["warm_modes"] = [[(b.mode, b.reason, b.numel) for b in r.buckets] for r in st.telemetry]
+    # accumulation: two micro-batches under no_sync, one synchronized round per step
+    st = ALQState(_cfg(), warmup_steps=1, exact_below=1024, **schedule_kwargs())
+    ddp, opt = _ddp(device, st)
+    out["accum"] = _train(ddp, opt, range(2), device, micro=3)
+    out["accum_step"] = st.step
+    ref, ref_opt = _ddp(device, None)
+    out["accum_exact"] = _train(ref, ref_opt, range(1), device, micro=3)
+    # resume: a checkpoint after round 2 continues bit-identically. DDP rebuilds its buckets after
+    # its first backward, so a restarted job's first round would see another layout; with
+    # find_unused_parameters=True DDP keeps one layout (see ALQState.state_dict).
+    for method in ("alq", "qsgdinf"):
+        st = ALQState(_cfg(method), exact_below=1024, seed=7, **schedule_kwargs())
+        ddp, opt = _ddp(device, st, fixed_layout=True)
+        _train(ddp, opt, range(2), device)
+        ckpt = copy.deepcopy({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "alq": st.state_dict()})
+        torch.save(ckpt, os.devnull)  # the state must be serializable
+        first = _train(ddp, opt, range(2, 5), device)
+        st2 = ALQState(_cfg(method), exact_below=1024, seed=0, **schedule_kwargs())
+        st2.load_state_dict(ckpt["alq"])
+        ddp2, opt2 = _ddp(device, st2, fixed_layout=True)
+        ddp2.module.load_state_dict(ckpt["model"])
+        opt2.load_state_dict(ckpt["opt"])
+        second = _train(ddp2, opt2, range(2, 5), device)
+        out[f"resume/{method}"] = (first, second, st.table_version, st2.table_version)
+        out[f"resume_layout/{method}"] = [
+            [[(b.index, b.numel) for b in r.buckets] for r in s.telemetry[-3:]] for s in (st, st2)
+        ]
+    return out
+
+
+def sc_amp(device: torch.device) -> dict[str, Any]:
+    """An overflow on one rank makes GradScaler skip the step on every rank."""
+    rank = dist.get_rank()
+    st = ALQState(_cfg("alq"), exact_below=1024)
+    ddp, opt = _ddp(device, st)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+    before = [p.detach().clone() for p in ddp.parameters()]
+    x, y = _batch(0, 0, rank, device)
+    loss = torch.nn.functional.cross_entropy(ddp(x), y)
+    if rank == 1:
+        loss = loss * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
+    skipped_scale = scaler.get_scale()
+    x, y = _batch(1, 0, rank, device)
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.cross_entropy(ddp(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    moved = not all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
+    return {"unchanged": unchanged, "scale": skipped_scale, "moved": moved}
+
+
+SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
+    "methods": sc_methods,
+    "half": sc_half,
+    "warmup": sc_warmup,
+    "world1": sc_world1,
+    "nonfinite": sc_nonfinite,
+    "mismatch": sc_mismatch,
+    "ddp": sc_ddp,
+    "amp": sc_amp,
+}
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: list[str]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        for name in names:
+            try:
+                result: Any = SCENARIOS[name](device)
+            except Exception:
+                result = {"__error__": traceback.format_exc()}
+            torch.save(result, os.path.join(outdir, f"{name}.{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_group(world: int, names: list[str], backend: str = "gloo") -> dict[str, list[Any]]:
+    """Run scenarios on ``world`` spawned ranks; returns ``{name: [result of rank 0, 1, ...]}``."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(world, free_port(), outdir, backend, names), nprocs=world, join=True)
+        return {
+            name: [torch.load(os.path.join(outdir, f"{name}.{r}.pt"), weights_only=False) for r in range(world)]
+            for name in names
+        }
