@@ -8,12 +8,13 @@ models and the level optimizers run on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from . import _kernels as K
-from ._backend import require_cupy
+from ._backend import as_cupy, require_cupy
 from ._quantize import _flat32
 
 
@@ -83,4 +84,8 @@ def gradient_stats(
         raise ValueError(msg)
     parts = [bucket_stats(s, bucket_size) for s in items]
     cols = [cp.concatenate([p[i] for p in parts]).get() for i in range(4)]
-    return stats_cls.from_buckets(cols[0], cols[1], cols[2], cols[3], dist_num=dist_num, weights=weights)
+    stats = stats_cls.from_buckets(cols[0], cols[1], cols[2], cols[3], dist_num=dist_num, weights=weights)
+    # like alq_core.compute_stats: each sample's shorter tail bucket counts as one skipped bucket
+    sizes = [int(as_cupy(s).size) for s in items]
+    tails = sum(1 for k in sizes if k % bucket_size) if bucket_size >= 2 else sum(sizes)
+    return dataclasses.replace(stats, skipped=stats.skipped + tails)
