@@ -196,8 +196,9 @@ def _h(model: Model, c: F64, x: F64, e: F64) -> F64:
 def _gd_level(model: Model, c: F64, e: F64, x: F64) -> F64:
     """The reference's update: finite-difference gradient steps, projected into (c, e)."""
     eps = GD_EPS * (e - c)
-    margin = 1e-9 * (e - c)
+    margin = 1e-6 * (e - c)
     for _ in range(GD_STEPS):
+        eps = np.minimum(eps, 0.5 * np.minimum(x - c, e - x))
         grad = (_h(model, c, x + eps, e) - _h(model, c, x - eps, e)) / (2.0 * eps)
         x = np.clip(x - GD_LR * grad, c + margin, e - margin)
     return x
@@ -382,7 +383,7 @@ def _sym_gd(model: Model, i: int, lv: F64) -> F64:
     e = lv[:, i + 1]
     x = lv[:, i].copy()
     eps = GD_EPS * (e - lo)
-    margin = 1e-9 * (e - lo)
+    margin = 1e-6 * (e - lo)
 
     def full(xv: F64) -> F64:
         t = lv.copy()
@@ -390,6 +391,7 @@ def _sym_gd(model: Model, i: int, lv: F64) -> F64:
         return expected_variance(t, model)  # type: ignore[return-value]
 
     for _ in range(GD_STEPS):
+        eps = np.minimum(eps, 0.5 * np.minimum(x - lo, e - x))
         grad = (full(x + eps) - full(x - eps)) / (2.0 * eps)
         x = np.clip(x - GD_LR * grad, lo + margin, e - margin)
     return x
@@ -448,6 +450,15 @@ def amq_multiplier(
         p = 0.5 if previous is None else float(previous)
     elif update == "bounded":
         ps = np.linspace(lo, hi, grid)
+        # Peaked components make narrow basins where a level p**j sits on a component's mean:
+        # add those multipliers (for the heaviest components) to the bracketing grid.
+        s = 2 ** (bits - 1) - 1
+        heavy = np.argsort(-model._w, kind="stable")[:8]
+        mags = np.abs(model._mu[heavy])
+        mags = mags[(mags > 0) & (mags < 1)]
+        if mags.size and s <= 15:
+            cand = (mags[:, None] ** (1.0 / np.arange(1, s + 1))).ravel()
+            ps = np.unique(np.concatenate([ps, cand[(cand > lo) & (cand < hi)]]))
         if previous is not None:
             ps = np.unique(np.append(ps, np.clip(previous, lo, hi)))
         vs = np.asarray(var(ps))

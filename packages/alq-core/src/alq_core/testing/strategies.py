@@ -89,3 +89,31 @@ def gradients(draw: st.DrawFn, max_size: int = 2000) -> np.ndarray:
 def noise_for(n: int) -> st.SearchStrategy[np.ndarray]:
     """``n`` float32 uniforms in [0, 1), from a drawn seed (fast for large ``n``)."""
     return st.integers(0, 2**32 - 1).map(lambda s: np.random.default_rng(s).random(n, dtype=np.float32))
+
+
+# -- models of normalized coordinates (level optimization) ------------------------------------------
+@st.composite
+def truncated_normals(draw: st.DrawFn) -> object:
+    """A :class:`alq_core.TruncatedNormal` on [-1, 1]: peaked (std down to 1e-3) or wide, means off center."""
+    from .._distributions import TruncatedNormal
+
+    std = draw(st.sampled_from([1e-3, 1.0 / np.sqrt(16384), 1e-2, 0.05, 0.2, 1.0]))
+    mean = draw(st.sampled_from([0.0, 1e-3, -0.01, 0.1, -0.5, 0.9]))
+    return TruncatedNormal(mean, std)
+
+
+@st.composite
+def mixtures(draw: st.DrawFn, max_components: int = 8) -> object:
+    """A :class:`alq_core.TruncatedNormalMixture` of realistic bucket statistics (std ~ 1/sqrt(d))."""
+    from .._distributions import TruncatedNormalMixture
+
+    k = draw(st.integers(1, max_components))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    d = draw(st.sampled_from([64, 1024, 8192, 16384]))
+    stds = rng.uniform(0.3, 3.0, k) / np.sqrt(d)
+    means = rng.normal(0.0, 1.0, k) * stds * draw(st.sampled_from([0.0, 0.3, 3.0]))
+    return TruncatedNormalMixture(rng.uniform(0.1, 1.0, k), means, stds)
+
+
+models = st.one_of(truncated_normals(), mixtures())
