@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from alq_core import (
     AdaptiveQuantizer,
     GradientStats,

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+from alq_core import TruncatedNormal, TruncatedNormalMixture
+from alq_core.testing.strategies import mixtures, models, truncated_normals
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.integrate import quad
-
-from alq_core import TruncatedNormal, TruncatedNormalMixture
-from alq_core.testing.strategies import mixtures, models, truncated_normals
 
 
 def _quad(fn, lo, hi, model):
@@ -34,7 +33,7 @@ def test_partial_moments_and_interval_variance_match_quadrature(model, seed):
             want = _quad(lambda x, k=k: x**k * model.pdf(x), lo, hi, model)
             scale = _quad(lambda x, k=k: abs(x) ** k * model.pdf(x), lo, hi, model)
             assert abs(float(got[k]) - want) <= 1e-8 * scale + 1e-300, (k, lo, hi, float(got[k]), want)
-        want = _quad(lambda x: (x - lo) * (hi - x) * model.pdf(x), lo, hi, model)
+        want = _quad(lambda x, lo=lo, hi=hi: (x - lo) * (hi - x) * model.pdf(x), lo, hi, model)
         assert abs(float(model.interval_variance(lo, hi)) - want) <= 1e-8 * want + 1e-300, (lo, hi)
 
 

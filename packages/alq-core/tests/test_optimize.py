@@ -1,8 +1,5 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from alq_core import (
     TruncatedNormalMixture,
     alq_levels,
@@ -13,7 +10,9 @@ from alq_core import (
     variance_gradient,
 )
 from alq_core._optimize import exponential_table
-from alq_core.testing.strategies import mixtures, models
+from alq_core.testing.strategies import models
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def realistic_mixture(d=16384, k=50, seed=0):

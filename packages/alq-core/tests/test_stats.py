@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
+from alq_core import (
+    DegenerateStatsError,
+    GradientStats,
+    TruncatedNormal,
+    TruncatedNormalMixture,
+    compute_stats,
+    merge_stats,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from alq_core import DegenerateStatsError, GradientStats, TruncatedNormal, TruncatedNormalMixture, compute_stats, merge_stats
 
 
 def _loop_stats(x, d):

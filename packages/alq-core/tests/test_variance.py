@@ -1,11 +1,12 @@
+import itertools
+
 import numpy as np
 import pytest
+from alq_core import TruncatedNormal, expected_variance, exponential_levels, uniform_levels, variance_gradient
+from alq_core.testing.strategies import models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.integrate import quad
-
-from alq_core import TruncatedNormal, expected_variance, exponential_levels, uniform_levels, variance_gradient
-from alq_core.testing.strategies import models
 
 
 def _tables(rng, bits):
@@ -21,7 +22,7 @@ def test_expected_variance_matches_quadrature(model, seed, bits):
     rng = np.random.default_rng(seed)
     for lv in _tables(rng, bits):
         want = 0.0
-        for lo, hi in zip(lv[:-1], lv[1:]):
+        for lo, hi in itertools.pairwise(lv):
             pts = sorted({p for p in np.concatenate([model.means, model.means + model.stds, model.means - model.stds]) if lo < p < hi})[:50]
             want += quad(lambda x, lo=lo, hi=hi: (x - lo) * (hi - x) * model.pdf(x), lo, hi, points=pts or None,
                          epsabs=0, epsrel=1e-13, limit=1000)[0]

@@ -40,13 +40,13 @@ from ._wire import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "HEADER_SIZE",
-    "METHODS",
     "AdaptiveQuantizer",
     "AlqResult",
     "AmqResult",
     "DegenerateStatsError",
     "GradientStats",
+    "HEADER_SIZE",
+    "METHODS",
     "MethodSpec",
     "PayloadError",
     "QuantizedTensor",
