@@ -270,7 +270,8 @@ extern "C" __global__ void alq_bucket_scales(const float* __restrict__ x, const 
     const i64 base = (i64)blockIdx.x * d;
     const int len = (int)((n - base) < d ? (n - base) : d);
     const float s = alq_scale(x + base, len, linf, 0, 0.0f, red, redf);
-    if (threadIdx.x == 0) out[blockIdx.x] = s;
+    /* NaN as NumPy's float32 NaN (GPU arithmetic yields another NaN bit pattern) */
+    if (threadIdx.x == 0) out[blockIdx.x] = (s != s) ? __uint_as_float(ALQ_NAN_BITS) : s;
 }
 
 /* Full-bucket statistics in double: norm, mean and population std of w = B / ||B|| (0, 0 for a zero bucket). */
