@@ -1,29 +1,7 @@
-"""Shared fixtures: hypothesis profiles, and the one GPU gate with its reason."""
+"""Shared test setup: hypothesis profiles (the GPU gate lives in alq_cupy_gate.py)."""
 
 from __future__ import annotations
 
-import importlib
-
-import pytest
 from alq_core.testing.profiles import register_profiles
 
 register_profiles()
-
-
-def gpu_status() -> tuple[bool, str]:
-    """(usable, reason) for CuPy with at least one CUDA device."""
-    try:
-        cp = importlib.import_module("cupy")
-    except ImportError:
-        return False, "needs CuPy (pip install 'alq-cupy[cuda12]' or '[cuda13]'); not installed here"
-    try:
-        count = int(cp.cuda.runtime.getDeviceCount())
-    except Exception as exc:  # no driver / no device
-        return False, f"needs a CUDA GPU visible to CuPy; got {type(exc).__name__}: {exc}"
-    if count < 1:
-        return False, "needs a CUDA GPU; CuPy sees none"
-    return True, ""
-
-
-GPU_OK, GPU_REASON = gpu_status()
-requires_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_REASON or "needs a CUDA GPU")

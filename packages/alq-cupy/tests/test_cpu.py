@@ -15,7 +15,7 @@ from alq_core.testing import strategies as cst
 from alq_cupy._comm import chunks, derive_seed
 from alq_cupy._header import check_header, payload_offsets
 from alq_cupy._noise import _mix_int, check_seed, counter_noise_host, seed_key
-from conftest import GPU_OK
+from alq_cupy_gate import GPU_OK
 from hypothesis import given
 from hypothesis import strategies as st
 

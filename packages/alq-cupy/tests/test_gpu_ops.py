@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from alq_core.testing import assert_payloads_equal, assert_quantized_equal
 from alq_core.testing import strategies as cst
-from conftest import GPU_OK, requires_gpu
+from alq_cupy_gate import GPU_OK, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GPU_OK, GPU_REASON
+from alq_cupy_gate import GPU_OK, GPU_REASON
 
 
 def _two_gpus_with_nccl() -> tuple[bool, str]:
