@@ -118,7 +118,7 @@ class QuantizerConfig:
             return 0
         if family == "ternary":
             return 3
-        return 2**self.bits
+        return int(2**self.bits)
 
     def num_buckets(self, n: int) -> int:
         """Scales sent for ``n`` coordinates (the tail has one unless ``tail='full'``)."""

@@ -102,16 +102,16 @@ def bucket_scales(x: NDArray[np.float32], config: QuantizerConfig) -> NDArray[np
 
 def _scale_rows(rows: NDArray[np.float32], norm: str) -> NDArray[np.float32]:
     if norm == "linf":
-        return np.max(np.abs(rows), axis=1)
+        return np.asarray(np.max(np.abs(rows), axis=1), dtype=np.float32)
     r64 = rows.astype(np.float64)
     with np.errstate(over="ignore"):
-        return np.sqrt(np.einsum("ij,ij->i", r64, r64)).astype(np.float32)
+        return np.asarray(np.sqrt(np.einsum("ij,ij->i", r64, r64)), dtype=np.float32)
 
 
 def _clip_rows(rows: NDArray[np.float32], clip: float) -> NDArray[np.float32]:
     std = rows.astype(np.float64).std(axis=1, keepdims=True)
     t = (clip * std).astype(np.float32)
-    return np.minimum(np.maximum(rows, -t), t)
+    return np.asarray(np.minimum(np.maximum(rows, -t), t), dtype=np.float32)
 
 
 def _round_block(
@@ -210,7 +210,7 @@ def quantize(
         seg = body[lo:hi]
         s = scales[b0:b1]
         if config.clip is not None:
-            seg = _clip_segment(seg, d, config.clip)
+            seg = _clip_segment(seg, d, float(config.clip))
             s = bucket_scales(seg, config)
             scales[b0:b1] = s
         bad_el = np.repeat(bad[b0:b1], d)[: seg.size]

@@ -94,7 +94,8 @@ def unpack_codes(packed: ArrayLike, bits: int, count: int) -> NDArray[np.uint8]:
     words = words8.view("<u8").reshape(groups, 1)
     shifts = (np.arange(8, dtype=np.uint64) * np.uint64(bits)).reshape(1, 8)
     mask = np.uint64((1 << bits) - 1)
-    return ((words >> shifts) & mask).astype(np.uint8).reshape(-1)[:count]
+    codes: NDArray[np.uint8] = ((words >> shifts) & mask).astype(np.uint8).reshape(-1)[:count]
+    return codes
 
 
 def table_checksum(levels: ArrayLike | None) -> int:

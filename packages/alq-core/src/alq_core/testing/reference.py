@@ -39,7 +39,7 @@ def reference_quantize(
         if config.clip is not None:
             mean = math.fsum(float(b) for b in bucket) / len(bucket)
             var = math.fsum((float(b) - mean) ** 2 for b in bucket) / len(bucket)
-            t = _f32(config.clip * math.sqrt(var))
+            t = _f32(float(config.clip) * math.sqrt(var))
             bucket = [min(max(b, -t), t) for b in bucket]
         if config.norm == "linf":
             s = max(abs(b) for b in bucket)
