@@ -1,0 +1,329 @@
+"""DDP ResNet-50 step time with every gradient-communication scheme, in one run.
+
+Run on the GPU machine (2 GPUs), from the repository root::
+
+    PYTHONPATH=packages/alq-core/src:packages/alq-torch/src \\
+        torchrun --standalone --nproc_per_node 2 benchmarks/ddp_resnet50.py \\
+        --out benchmarks/results/ddp_resnet50_nvlink.json
+
+    NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 PYTHONPATH=packages/alq-core/src:packages/alq-torch/src \\
+        torchrun --standalone --nproc_per_node 2 benchmarks/ddp_resnet50.py \\
+        --out benchmarks/results/ddp_resnet50_sockets.json \\
+        --baseline benchmarks/results/ddp_resnet50_nvlink.json
+
+ResNet-50 (torchvision's when installed, else an identical local definition:
+same layers, 25,557,032 parameters), batch 64 per GPU, bf16 autocast, synthetic
+data, SGD with momentum. Every configuration gets a fresh DDP model; after
+``--warmup`` steps, ``--steps`` steps are timed one by one with CUDA
+synchronization and the median is reported. Rank 0 prints a table and writes
+JSON (per configuration: median / p10 / p90 step ms, ratios to no hook and to
+the better of the fp16/bf16 hooks, ALQ telemetry: compression ratio, level
+updates). ``--baseline`` (the NVLink JSON) adds the ratio to the NVLink no-hook
+step, the compute floor of PERFORMANCE.md's socket target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# --------------------------------------------------------------------- model
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.down is None else self.down(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + idt)
+
+
+class _ResNet50(nn.Module):
+    """ResNet-50 v1.5 (stride in the 3x3 conv), the torchvision layout."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        layers: list[nn.Module] = []
+        cin = 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for b in range(blocks):
+                layers.append(_Bottleneck(cin, width, stride if b == 0 else 1))
+                cin = width * 4
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet50() -> tuple[nn.Module, str]:
+    try:
+        import torchvision
+
+        return torchvision.models.resnet50(), f"torchvision {torchvision.__version__}"
+    except ImportError:
+        return _ResNet50(), "local definition (torchvision not installed)"
+
+
+# --------------------------------------------------------------------- configurations
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, Callable[[], tuple[Any, Any] | None]]]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook, quantization_hooks
+
+    out: list[tuple[str, Callable[[], tuple[Any, Any] | None]]] = [
+        ("no hook", lambda: None),
+        ("fp16_compress_hook", lambda: (None, default_hooks.fp16_compress_hook)),
+        ("bf16_compress_hook", lambda: (None, default_hooks.bf16_compress_hook)),
+        ("quantization_pertensor_hook", lambda: (None, quantization_hooks.quantization_pertensor_hook)),
+        (
+            "PowerSGD rank 4",
+            lambda: (
+                powerSGD_hook.PowerSGDState(
+                    process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2, warm_start=True
+                ),
+                powerSGD_hook.powerSGD_hook,
+            ),
+        ),
+    ]
+    import alq_core
+    from alq_torch import ALQState, alq_hook
+
+    for method in args.methods:
+
+        def make(method: str = method) -> tuple[Any, Any]:
+            cfg = alq_core.QuantizerConfig(method, bits=args.bits, bucket_size=args.bucket_size)
+            state = ALQState(cfg, collective=args.collective, timing=args.timing, exact_below=args.exact_below)
+            return state, alq_hook
+
+        out.append((f"ALQ {method} {args.bits}b d={args.bucket_size}", make))
+    if args.cpu_smoke:
+        # NCCL-only hooks: bf16 needs NCCL; torch's quantization hook fails on CPU tensors; PowerSGD
+        # chains collectives in callbacks, which Gloo runs on its worker threads out of order.
+        out = [c for c in out if c[0] not in ("bf16_compress_hook", "quantization_pertensor_hook", "PowerSGD rank 4")]
+    if args.only:
+        out = [c for c in out if any(o.lower() in c[0].lower() for o in args.only)]
+    return out
+
+
+# --------------------------------------------------------------------- timing
+
+
+def _run_config(
+    name: str, make: Callable[[], tuple[Any, Any] | None], args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model, _ = resnet50()
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp = nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        bucket_cap_mb=args.bucket_cap_mb,
+    )
+    hook = make()
+    state = None
+    if hook is not None:
+        state, fn = hook
+        ddp.register_comm_hook(state, fn)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
+    x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=gen)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,), device=device, generator=gen)
+    times: list[float] = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    for it in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if it >= args.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    # the slowest rank sets the pace: take the per-step max over ranks
+    t = torch.tensor(times, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    times = t.tolist()
+    qs = statistics.quantiles(times, n=10)
+    res: dict[str, Any] = {
+        "config": name,
+        "median_ms": statistics.median(times),
+        "p10_ms": qs[0],
+        "p90_ms": qs[-1],
+        "loss_finite": bool(torch.isfinite(loss).item()),
+    }
+    from alq_torch import ALQState
+
+    if isinstance(state, ALQState):
+        recs = state.telemetry
+        last = recs[-1]
+        res["alq"] = {
+            "collective": sorted({b.mode for b in last.buckets}),
+            "buckets": len(last.buckets),
+            "bytes_sent_per_step": last.bytes_sent,
+            "bytes_exact_per_step": last.bytes_exact,
+            "compression_ratio": last.compression_ratio,
+            "table_version": state.table_version,
+            "level_updates": [
+                {"step": r.level_update.step, "updated": r.level_update.updated, "reason": r.level_update.reason,
+                 "seconds": r.level_update.seconds}
+                for r in recs
+                if r.level_update is not None
+            ],
+        }
+        if args.timing:
+            res["alq"]["quantize_ms_per_step"] = statistics.median((r.quantize_s or 0.0) * 1e3 for r in recs[args.warmup :])
+            res["alq"]["decode_ms_per_step"] = statistics.median((r.decode_s or 0.0) * 1e3 for r in recs[args.warmup :])
+        state.check()
+    del ddp, opt, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file written by rank 0")
+    p.add_argument("--baseline", help="JSON of an NVLink run: adds the ratio to its no-hook step")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--bucket-size", type=int, default=8192)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket cap (MiB)")
+    p.add_argument("--methods", nargs="+", default=["qsgdinf", "nuqsgd", "alq", "amq"])
+    p.add_argument("--collective", default="auto", choices=["auto", "allgather", "reduce_scatter"])
+    p.add_argument("--exact-below", type=int, default=16384)
+    p.add_argument("--timing", action="store_true", help="record ALQ quantize/decode times (CUDA events)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--only", nargs="*", help="run only configurations whose name contains one of these")
+    p.add_argument("--image", type=int, default=224, help="image side (pixels)")
+    p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
+    args = p.parse_args(argv)
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+        torch.backends.cudnn.benchmark = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _, model_src = resnet50()
+    results = []
+    for name, make in _configs(args):
+        try:
+            res = _run_config(name, make, args, device)
+        except Exception as exc:  # keep going: one broken configuration must not lose the others
+            res = {"config": name, "error": f"{type(exc).__name__}: {exc}"}
+        results.append(res)
+        if rank == 0:
+            print(f"  {name}: {res.get('median_ms', float('nan')):.2f} ms {res.get('error', '')}", flush=True)
+        dist.barrier()
+
+    ok = {r["config"]: r["median_ms"] for r in results if "median_ms" in r}
+    nohook = ok.get("no hook")
+    halves = [ok[k] for k in ("fp16_compress_hook", "bf16_compress_hook") if k in ok]
+    best_half = min(halves) if halves else None
+    floor = None
+    if args.baseline and os.path.exists(args.baseline):
+        with open(args.baseline) as f:
+            base = json.load(f)
+        floor = next((r["median_ms"] for r in base["results"] if r.get("config") == "no hook" and "median_ms" in r), None)
+    for r in results:
+        if "median_ms" not in r:
+            continue
+        if nohook:
+            r["vs_no_hook"] = r["median_ms"] / nohook
+        if best_half:
+            r["vs_best_fp16_bf16"] = r["median_ms"] / best_half
+        if floor:
+            r["vs_nvlink_no_hook"] = r["median_ms"] / floor
+    transport = "sockets" if os.environ.get("NCCL_P2P_DISABLE") == "1" and os.environ.get("NCCL_SHM_DISABLE") == "1" else "default (NVLink/P2P)"
+    meta = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "world_size": world,
+        "transport": transport,
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "model": model_src,
+        "batch_per_gpu": args.batch,
+        "autocast": "bfloat16",
+        "channels_last": args.channels_last,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "alq": {"bits": args.bits, "bucket_size": args.bucket_size, "collective": args.collective, "exact_below": args.exact_below},
+        "baseline": args.baseline,
+    }
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+        print(f"\nDDP ResNet-50, {world} x {meta['device']}, transport {transport}, batch {args.batch}/GPU, bf16 autocast")
+        head = f"{'configuration':<34} {'median ms':>10} {'p10':>8} {'p90':>8} {'/no hook':>9} {'/best16':>8} {'/NVL nh':>8} {'ratio':>7}"
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            if "median_ms" not in r:
+                print(f"{r['config']:<34} ERROR {r['error']}")
+                continue
+            cr = r.get("alq", {}).get("compression_ratio")
+            print(
+                f"{r['config']:<34} {r['median_ms']:>10.2f} {r['p10_ms']:>8.2f} {r['p90_ms']:>8.2f} "
+                f"{r.get('vs_no_hook', float('nan')):>9.3f} {r.get('vs_best_fp16_bf16', float('nan')):>8.3f} "
+                f"{r.get('vs_nvlink_no_hook', float('nan')):>8.3f} {cr if cr is None else round(cr, 1)!s:>7}"
+            )
+        print(f"\nwrote {args.out}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
