@@ -60,8 +60,32 @@ def host_levels(levels: object, config: QuantizerConfig) -> NDArray[np.float32]:
     return validate_levels(arr, num_levels=config.num_levels)  # type: ignore[arg-type]
 
 
+def _fast_key(levels: object, config: QuantizerConfig, device: torch.device) -> tuple[bytes, int, str] | None:
+    """A cache key computed without validation, for float32 tables already seen."""
+    if isinstance(levels, np.ndarray) and levels.dtype == np.float32 and levels.ndim == 1:
+        raw = levels.tobytes()
+    elif isinstance(levels, torch.Tensor) and levels.device.type == "cpu" and levels.dtype == torch.float32:
+        raw = levels.detach().contiguous().numpy().tobytes()
+    else:
+        return None
+    if len(raw) != 4 * config.num_levels:
+        return None
+    return (raw, config.code_bits, str(device))
+
+
 def level_table(levels: object, config: QuantizerConfig, device: torch.device) -> LevelTable:
-    """The cached :class:`LevelTable` of ``levels`` for ``config`` on ``device``."""
+    """The cached :class:`LevelTable` of ``levels`` for ``config`` on ``device``.
+
+    A float32 NumPy array or CPU tensor already seen costs a dictionary lookup;
+    anything else (including a CUDA tensor, copied to the host) is validated.
+    """
+    fast = _fast_key(levels, config, device)
+    if fast is not None:
+        with _LOCK:
+            hit = _TABLES.get(fast)
+            if hit is not None:
+                _TABLES.move_to_end(fast)
+                return hit
     host = host_levels(levels, config)
     key = (host.tobytes(), config.code_bits, str(device))
     with _LOCK:
