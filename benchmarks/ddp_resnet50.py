@@ -31,7 +31,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -206,14 +207,20 @@ def _run_config(
             "compression_ratio": last.compression_ratio,
             "table_version": state.table_version,
             "level_updates": [
-                {"step": r.level_update.step, "updated": r.level_update.updated, "reason": r.level_update.reason,
-                 "seconds": r.level_update.seconds}
+                {
+                    "step": r.level_update.step,
+                    "updated": r.level_update.updated,
+                    "reason": r.level_update.reason,
+                    "seconds": r.level_update.seconds,
+                }
                 for r in recs
                 if r.level_update is not None
             ],
         }
         if args.timing:
-            res["alq"]["quantize_ms_per_step"] = statistics.median((r.quantize_s or 0.0) * 1e3 for r in recs[args.warmup :])
+            res["alq"]["quantize_ms_per_step"] = statistics.median(
+                (r.quantize_s or 0.0) * 1e3 for r in recs[args.warmup :]
+            )
             res["alq"]["decode_ms_per_step"] = statistics.median((r.decode_s or 0.0) * 1e3 for r in recs[args.warmup :])
         state.check()
     del ddp, opt, model
@@ -272,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline and os.path.exists(args.baseline):
         with open(args.baseline) as f:
             base = json.load(f)
-        floor = next((r["median_ms"] for r in base["results"] if r.get("config") == "no hook" and "median_ms" in r), None)
+        floor = next(
+            (r["median_ms"] for r in base["results"] if r.get("config") == "no hook" and "median_ms" in r), None
+        )
     for r in results:
         if "median_ms" not in r:
             continue
@@ -282,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
             r["vs_best_fp16_bf16"] = r["median_ms"] / best_half
         if floor:
             r["vs_nvlink_no_hook"] = r["median_ms"] / floor
-    transport = "sockets" if os.environ.get("NCCL_P2P_DISABLE") == "1" and os.environ.get("NCCL_SHM_DISABLE") == "1" else "default (NVLink/P2P)"
+    transport = (
+        "sockets"
+        if os.environ.get("NCCL_P2P_DISABLE") == "1" and os.environ.get("NCCL_SHM_DISABLE") == "1"
+        else "default (NVLink/P2P)"
+    )
     meta = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "world_size": world,
@@ -298,14 +311,21 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": args.channels_last,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
-        "alq": {"bits": args.bits, "bucket_size": args.bucket_size, "collective": args.collective, "exact_below": args.exact_below},
+        "alq": {
+            "bits": args.bits,
+            "bucket_size": args.bucket_size,
+            "collective": args.collective,
+            "exact_below": args.exact_below,
+        },
         "baseline": args.baseline,
     }
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
-        print(f"\nDDP ResNet-50, {world} x {meta['device']}, transport {transport}, batch {args.batch}/GPU, bf16 autocast")
+        print(
+            f"\nDDP ResNet-50, {world} x {meta['device']}, transport {transport}, batch {args.batch}/GPU, bf16 autocast"
+        )
         head = f"{'configuration':<34} {'median ms':>10} {'p10':>8} {'p90':>8} {'/no hook':>9} {'/best16':>8} {'/NVL nh':>8} {'ratio':>7}"
         print(head)
         print("-" * len(head))

@@ -14,15 +14,15 @@ import os
 import socket
 import tempfile
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from alq_core import METHODS, PayloadError, QuantizerConfig
-
 from alq_torch import ALQState, alq_hook
 
 BUCKET = 256

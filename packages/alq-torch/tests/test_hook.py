@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import _hook_workers as hw
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from alq_core import QuantizerConfig, bucket_scales, default_levels, dequantize, quantize
-
-import _hook_workers as hw
 from alq_torch import ALQState, alq_hook
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with Gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with Gloo"
+)
 
 ALL = ["methods", "half", "warmup", "world1", "nonfinite", "mismatch", "ddp", "amp"]
 
@@ -208,7 +209,9 @@ def test_nonfinite_buckets_propagate_as_nan_on_every_rank(
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_table_version_mismatch_is_a_clear_error(world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]) -> None:
+def test_table_version_mismatch_is_a_clear_error(
+    world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]
+) -> None:
     res = _ok((w2 if world == 2 else w3)["mismatch"])
     for r in range(world):
         for coll in ("allgather", "reduce_scatter"):
@@ -267,7 +270,7 @@ def test_ddp_amp_overflow_is_skipped_like_without_hook(w2: dict[str, list[Any]])
 # ----------------------------------------------------------------- no process group needed
 def test_state_validates_its_arguments() -> None:
     cfg = QuantizerConfig("alq", bits=3, bucket_size=256)
-    with pytest.raises(TypeError, match="must be an alq_core.QuantizerConfig"):
+    with pytest.raises(TypeError, match=r"must be an alq_core\.QuantizerConfig"):
         ALQState("alq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`collective` must be one of"):
         ALQState(cfg, collective="ring")
@@ -290,7 +293,7 @@ def test_state_dict_round_trip_and_config_check() -> None:
     np.testing.assert_array_equal(st2.levels, st.levels)
     with pytest.raises(ValueError, match="checkpoint was saved with"):
         ALQState(QuantizerConfig("amq", bits=2, bucket_size=256)).load_state_dict(sd)
-    with pytest.raises(ValueError, match="expected an ALQState.state_dict"):
+    with pytest.raises(ValueError, match=r"expected an ALQState\.state_dict"):
         st2.load_state_dict({"format": 99})
 
 

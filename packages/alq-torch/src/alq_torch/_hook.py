@@ -38,7 +38,8 @@ import inspect
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import alq_core
 import numpy as np
@@ -118,12 +119,12 @@ class _PendingCheck:
     def __init__(self, bad: torch.Tensor, what: str) -> None:
         self._flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
         self._flag.copy_(bad.reshape(1), non_blocking=True)
-        self._event = torch.cuda.Event()
+        self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._event.record()
         self.what = what
 
     def failed(self, block: bool) -> bool | None:
-        if not block and not self._event.query():
+        if not block and not self._event.query():  # type: ignore[no-untyped-call]
             return None
         self._event.synchronize()
         return bool(self._flag.item())
@@ -250,8 +251,8 @@ class ALQState:
         self._stats: list[torch.Tensor] = []
         self._pending: list[_PendingCheck] = []
         self._lock = threading.Lock()
-        self._table_key: tuple[int, str] | None = None
-        self._table_dev: torch.Tensor | None = None
+        self._table_key: int | None = None
+        self._table_host: np.ndarray | None = None
         self._table_crc = 0
 
     # ------------------------------------------------------------------ group
@@ -277,16 +278,16 @@ class ALQState:
         """Version of the level table in force (written into every payload)."""
         return int(self.quantizer.version)
 
-    def _device_table(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    def _table(self) -> tuple[np.ndarray, int, int]:
+        """Level table (host float32: the ops cache its device copy by value), version, checksum."""
         version = self.table_version
-        key = (version, str(device))
-        if self._table_key != key or self._table_dev is None:
+        if self._table_key != version or self._table_host is None:
             host = self.levels
             assert host is not None
-            self._table_dev = torch.from_numpy(host.copy()).to(device)
+            self._table_host = np.ascontiguousarray(host, dtype=np.float32)
             self._table_crc = table_checksum(host)
-            self._table_key = key
-        return self._table_dev, version, self._table_crc
+            self._table_key = version
+        return self._table_host, version, self._table_crc
 
     # --------------------------------------------------------------- telemetry
     @property
@@ -340,9 +341,7 @@ class ALQState:
                 r._resolve(block=False)
             self._stats = []
             cfg = self.config
-            self._update_due = bool(
-                cfg.quantized and self.world_size > 1 and self.quantizer.due(self.step)
-            )
+            self._update_due = bool(cfg.quantized and self.world_size > 1 and self.quantizer.due(self.step))
             self._current = StepRecord(self.step) if self.keep_telemetry else None
         return self._current
 
@@ -390,7 +389,7 @@ class ALQState:
                     stds[ok],
                     sizes[ok].astype(np.int64),
                     dist_num=self.dist_num,
-                    weights=self.stats_weights,
+                    weights=self.stats_weights,  # type: ignore[arg-type]
                 )
                 report = self.quantizer.update(stats, self.step)
                 reason = str(getattr(report, "reason", "") or "updated")
@@ -460,7 +459,13 @@ class ALQState:
             msg = f"expected an ALQState.state_dict() of format {_STATE_FORMAT}; got {got!r}"
             raise ValueError(msg)
         cfg = self.config
-        mine = {"method": cfg.method, "bits": cfg.bits, "bucket_size": cfg.bucket_size, "norm": cfg.norm, "tail": cfg.tail}
+        mine = {
+            "method": cfg.method,
+            "bits": cfg.bits,
+            "bucket_size": cfg.bucket_size,
+            "norm": cfg.norm,
+            "tail": cfg.tail,
+        }
         if state["config"] != mine:
             msg = f"checkpoint was saved with {state['config']}, this state is configured with {mine}; build the state with the saved configuration"
             raise ValueError(msg)
@@ -551,10 +556,11 @@ class ALQState:
                 span.stop()
             return buf
 
-        return work.get_future().then(done)
+        fut: torch.futures.Future[torch.Tensor] = work.get_future().then(done)
+        return fut
 
     def _check_heads(
-        self, payloads: torch.Tensor, n: int, levels: torch.Tensor, version: int, crc: int, what: str
+        self, payloads: torch.Tensor, n: int, levels: np.ndarray, version: int, crc: int, what: str
     ) -> torch.Tensor | None:
         """Device-side header check; returns a NaN/1 factor to poison the result (CUDA), or None (checked on host)."""
         if payloads.device.type != "cuda" or not _DECODE_CAN_SKIP_CHECK:
@@ -563,12 +569,12 @@ class ALQState:
         bad = (payloads[:, :HEADER_SIZE] != head).any()
         with self._lock:
             self._pending.append(_PendingCheck(bad, what))
-        return torch.where(bad, torch.tensor(float("nan"), device=bad.device), torch.tensor(1.0, device=bad.device))
+        return torch.ones((), dtype=torch.float32, device=bad.device).masked_fill_(bad, float("nan"))  # no host copy
 
     def _decode(
         self,
         payloads: torch.Tensor,
-        levels: torch.Tensor,
+        levels: np.ndarray,
         version: int,
         crc: int,
         n: int,
@@ -580,14 +586,13 @@ class ALQState:
         if factor is None:
             res = decode_sum(payloads, levels, self.config, n, table_version=version, out=out, scale=scale)
         else:
-            res = decode_sum(
-                payloads, levels, self.config, n, table_version=version, out=out, scale=scale, check_headers=False
-            )
+            skip: dict[str, Any] = {"check_headers": False}  # headers compared on the device above
+            res = decode_sum(payloads, levels, self.config, n, table_version=version, out=out, scale=scale, **skip)
             res.mul_(factor)
         return res
 
     def _local_variance(
-        self, payload: torch.Tensor, x: torch.Tensor, levels: torch.Tensor, version: int, rec: BucketRecord
+        self, payload: torch.Tensor, x: torch.Tensor, levels: np.ndarray, version: int, rec: BucketRecord
     ) -> None:
         n = x.numel()
         deq = decode_sum(payload.view(1, -1), levels, self.config, n, table_version=version)
@@ -600,7 +605,7 @@ class ALQState:
     ) -> torch.futures.Future[torch.Tensor]:
         cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
         device = flat.device
-        levels, version, crc = self._device_table(device)
+        levels, version, crc = self._table()
         n = flat.numel()
         size = payload_size(cfg, n)
         rec.table_version = version
@@ -634,14 +639,15 @@ class ALQState:
                 span_d.stop()
             return buf
 
-        return work.get_future().then(finish)
+        fut: torch.futures.Future[torch.Tensor] = work.get_future().then(finish)
+        return fut
 
     def _reduce_scatter(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
         cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
         device = flat.device
-        levels, version, crc = self._device_table(device)
+        levels, version, crc = self._table()
         n, d = flat.numel(), cfg.bucket_size
         nb = -(-n // d)
         edges = [min(n, (k * nb // world) * d) for k in range(world + 1)]
@@ -676,7 +682,12 @@ class ALQState:
         recv = torch.empty(world * own, dtype=torch.uint8, device=device)
         span_c1 = self._timed(rec, "communicate", device)
         work = dist.all_to_all_single(
-            recv, send, output_split_sizes=[own] * world, input_split_sizes=sizes, group=self.process_group, async_op=True
+            recv,
+            send,
+            output_split_sizes=[own] * world,
+            input_split_sizes=sizes,
+            group=self.process_group,
+            async_op=True,
         )
 
         def phase2(f: torch.futures.Future[Any]) -> torch.futures.Future[torch.Tensor]:
@@ -724,13 +735,14 @@ class ALQState:
                     span_d2.stop()
                 return buf
 
-            return work2.get_future().then(finish)
+            fut2: torch.futures.Future[torch.Tensor] = work2.get_future().then(finish)
+            return fut2
 
         result: torch.futures.Future[torch.Tensor] = _run_after(work.get_future(), phase2)
         return result
 
 
-def alq_hook(state: ALQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def alq_hook(state: ALQState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: quantize, exchange, decode and average one bucket.
 
     Parameters
@@ -751,10 +763,12 @@ def alq_hook(state: ALQState, bucket: dist.GradBucket) -> torch.futures.Future[t
     >>> ddp_model.register_comm_hook(state, alq_hook)  # doctest: +SKIP
     """
     if not isinstance(state, ALQState):
-        msg = f"`state` must be an ALQState; got {type(state).__name__} (register_comm_hook(ALQState(config), alq_hook))"
+        msg = (
+            f"`state` must be an ALQState; got {type(state).__name__} (register_comm_hook(ALQState(config), alq_hook))"
+        )
         raise TypeError(msg)
     return state._communicate(bucket.buffer(), int(bucket.index()), bool(bucket.is_last()))
 
 
 # DDP checks the hook's annotations by identity (``dist.GradBucket``), not as strings.
-alq_hook.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]})
+alq_hook.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]})  # type: ignore[attr-defined]

@@ -81,7 +81,7 @@ class _Span:
 
     def _mark(self) -> object:
         if self._cuda:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             ev.record()
             return ev
         return time.perf_counter()
@@ -91,7 +91,7 @@ class _Span:
             return False
         if self._cuda:
             assert isinstance(self._stop, torch.cuda.Event)
-            return bool(self._stop.query())
+            return bool(self._stop.query())  # type: ignore[no-untyped-call]
         return True
 
     def seconds(self, block: bool) -> float | None:
@@ -100,7 +100,7 @@ class _Span:
         if self._cuda:
             start, stop = self._start, self._stop
             assert isinstance(start, torch.cuda.Event) and isinstance(stop, torch.cuda.Event)
-            if not block and not stop.query():
+            if not block and not stop.query():  # type: ignore[no-untyped-call]
                 return None
             stop.synchronize()
             return float(start.elapsed_time(stop)) / 1e3
@@ -153,6 +153,7 @@ class BucketRecord:
     variance: float | None = None
     _spans: dict[str, list[_Span]] = field(default_factory=dict, repr=False, compare=False)
     _variance_parts: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+    _variance_sums: tuple[float, float] | None = field(default=None, repr=False, compare=False)
 
     def _span(self, name: str, device: torch.device) -> _Span:
         span = _Span(device)
@@ -175,6 +176,7 @@ class BucketRecord:
                 num = sum(float(p[0]) for p in self._variance_parts)
                 den = sum(float(p[1]) for p in self._variance_parts)
                 self.variance = num / den if den > 0 else float("nan")
+                self._variance_sums = (num, den)
                 self._variance_parts.clear()
             else:
                 done = False
@@ -237,11 +239,10 @@ class StepRecord:
 
     @property
     def variance(self) -> float | None:
-        """Measured relative quantization variance over the round's quantized buckets."""
-        parts = [(b.variance, b.numel) for b in self.buckets if b.variance is not None]
-        if not parts:
-            return None
-        return sum(v * n for v, n in parts) / sum(n for _, n in parts)
+        """Measured ``sum ||Q(g) - g||^2 / sum ||g||^2`` over the round's measured buckets (None if none)."""
+        sums = [b._variance_sums for b in self.buckets if b._variance_sums is not None]
+        den = sum(d for _, d in sums)
+        return sum(n for n, _ in sums) / den if den > 0 else None
 
     def _resolve(self, block: bool) -> bool:
         done = True

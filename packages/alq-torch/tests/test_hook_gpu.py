@@ -1,0 +1,75 @@
+"""The DDP hook on 2 GPUs with NCCL: the same scenarios and checks as the Gloo tests.
+
+Run on the GPU machine (the lead does)::
+
+    PYTHONPATH=packages/alq-core/src:packages/alq-torch/src python -m pytest packages/alq-torch/tests/test_hook_gpu.py -q
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import _hook_workers as hw
+import pytest
+import torch
+import torch.distributed as dist
+from test_hook import _ok, check_method
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+    reason="needs 2 CUDA GPUs and NCCL",
+)
+
+
+@pytest.fixture(scope="module")
+def g2() -> dict[str, list[Any]]:
+    return hw.run_group(2, ["methods", "half", "nonfinite", "mismatch", "ddp", "amp"], backend="nccl")
+
+
+def test_nccl_every_method_identical_and_within_predicted_variance(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["methods"])
+    for key in (k for k in res[0] if k != "fp32"):
+        check_method([res[0][key], res[1][key]], key, 2)
+
+
+def test_nccl_half_precision(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["half"])
+    for name, dt, coll in (("float16", torch.float16, "allgather"), ("bfloat16", torch.bfloat16, "reduce_scatter")):
+        check_method([res[0][name], res[1][name]], f"alq/{coll}", 2, dt)
+
+
+def test_nccl_nonfinite_propagates(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["nonfinite"])
+    for coll in ("allgather", "reduce_scatter"):
+        bad = torch.isnan(res[0][coll])
+        assert torch.equal(bad, torch.isnan(res[1][coll]))
+        assert int(bad.sum()) == 2 * hw.BUCKET
+
+
+def test_nccl_version_mismatch_raises(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["mismatch"])
+    for r in range(2):
+        for coll in ("allgather", "reduce_scatter"):
+            msg = res[r][coll]
+            assert "PayloadError" in msg and ("version mismatch" in msg or "header did not match" in msg), msg
+
+
+def test_nccl_ddp_warmup_exact_identical_ranks_and_resume(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["ddp"])
+    for step in range(3):
+        for a, b in zip(res[0]["warm"][step], res[1]["warm"][step]):
+            assert torch.equal(a, b)
+    for step in (0, 1):  # NCCL sums in a fixed order too: warm-up rounds equal DDP without a hook
+        for a, b in zip(res[0]["exact"][step], res[0]["warm"][step]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    for method in ("alq", "qsgdinf"):
+        first, second, _, _ = res[0][f"resume/{method}"]
+        for a, b in zip(first, second):
+            for ga, gb in zip(a, b):
+                assert torch.equal(ga, gb)
+
+
+def test_nccl_amp_overflow_skipped(g2: dict[str, list[Any]]) -> None:
+    res = _ok(g2["amp"])
+    for r in range(2):
+        assert res[r]["unchanged"] and res[r]["moved"] and res[r]["scale"] == 2.0**9
