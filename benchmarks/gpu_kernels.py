@@ -26,6 +26,7 @@ Without a GPU it runs the same code in Triton's interpreter on CPU tensors at a
 small size (``--n``), which checks the script, not the speed.
 """
 
+# ruff: noqa: B023  (timed lambdas run inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +48,8 @@ if not CUDA:
     os.environ["ALQ_TORCH_KERNELS_ON_CPU"] = "1"
 
 import alq_core  # noqa: E402
-from alq_core import HEADER_SIZE, QuantizerConfig, default_levels, payload_size  # noqa: E402
-
 import alq_torch  # noqa: E402
+from alq_core import HEADER_SIZE, QuantizerConfig, default_levels, payload_size  # noqa: E402
 from alq_torch import _kernels, _tables  # noqa: E402
 from alq_torch._tables import level_table  # noqa: E402
 
@@ -129,7 +130,9 @@ def main() -> None:
     x = torch.randn(n, device=device, generator=gen) * 1e-3
 
     res: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU (Triton interpreter; timings meaningless) {platform.processor()}",
+        "device": torch.cuda.get_device_name()
+        if CUDA
+        else f"CPU (Triton interpreter; timings meaningless) {platform.processor()}",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "python": platform.python_version(),
@@ -200,7 +203,14 @@ def main() -> None:
             "fraction_rounded_up": frac_up,
         }
         out["fused_quantize_pack_given_noise"] = {"seconds": t_given, "memory_floor_seconds": (8 * n + size) / copy_bw}
-        rows.append(("fused quantize+pack (device noise)", key, t_fused, f"{t_naive / t_fused:.0f}x naive; floor {floor_q * 1e6:.1f} us"))
+        rows.append(
+            (
+                "fused quantize+pack (device noise)",
+                key,
+                t_fused,
+                f"{t_naive / t_fused:.0f}x naive; floor {floor_q * 1e6:.1f} us",
+            )
+        )
         rows.append(("fused quantize+pack (given noise)", key, t_given, "reads noise too"))
 
         if not args.no_sweep and CUDA:
@@ -212,13 +222,22 @@ def main() -> None:
                 try:
                     got = alq_torch.quantize_encode(x, levels, config, noise=u, out=buf)
                     assert torch.equal(got, ref_full)
-                    sweep[f"num_warps={warps}"] = bench(lambda: alq_torch.quantize_encode(x, levels, config, seed=1, out=buf), device)
+                    sweep[f"num_warps={warps}"] = bench(
+                        lambda: alq_torch.quantize_encode(x, levels, config, seed=1, out=buf), device
+                    )
                 except Exception as exc:  # a width the compiler rejects is reported, not fatal
                     sweep[f"num_warps={warps}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
             _kernels.TUNING.update(saved)
             out["fused_quantize_pack_sweep"] = sweep
             for k, v in sweep.items():
-                rows.append((f"  sweep {k}", key, v if isinstance(v, float) else float("nan"), "" if isinstance(v, float) else v))
+                rows.append(
+                    (
+                        f"  sweep {k}",
+                        key,
+                        v if isinstance(v, float) else float("nan"),
+                        "" if isinstance(v, float) else v,
+                    )
+                )
 
         # (c) decode + average of W payloads
         for w in args.workers:
@@ -237,7 +256,9 @@ def main() -> None:
             off_codes = HEADER_SIZE + 4 * nb
             scale32 = float(np.float32(1 / w))
             t_api = bench(lambda: alq_torch.decode_sum(payloads, levels, config, n, scale=1 / w, out=avg), device)
-            t_kernel = bench(lambda: _kernels.decode_sum(payloads, scales, table, config, n, off_codes, avg, scale32), device)
+            t_kernel = bench(
+                lambda: _kernels.decode_sum(payloads, scales, table, config, n, off_codes, avg, scale32), device
+            )
             moved = w * (size - HEADER_SIZE) + 4 * n
             floor = moved / copy_bw
             out[f"decode_average_W{w}"] = {
@@ -249,7 +270,14 @@ def main() -> None:
                 "ratio_to_floor_api": t_api / floor,
                 "target_ratio": 2.0,
             }
-            rows.append((f"decode+average W={w} (kernel)", key, t_kernel, f"{t_kernel / floor:.2f}x floor ({floor * 1e6:.1f} us)"))
+            rows.append(
+                (
+                    f"decode+average W={w} (kernel)",
+                    key,
+                    t_kernel,
+                    f"{t_kernel / floor:.2f}x floor ({floor * 1e6:.1f} us)",
+                )
+            )
             rows.append((f"decode+average W={w} (API, header check)", key, t_api, f"{t_api / floor:.2f}x floor"))
 
     with open(args.output, "w") as fh:

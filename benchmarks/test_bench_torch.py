@@ -8,14 +8,12 @@ the standalone ``benchmarks/gpu_kernels.py`` gives the full GPU picture
 
 from __future__ import annotations
 
+import alq_core
+import alq_torch
 import numpy as np
 import pytest
 import torch
-
-import alq_core
 from alq_core import QuantizerConfig, default_levels
-
-import alq_torch
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -66,7 +64,9 @@ def test_core_decode_average(benchmark, info, cpu_case):  # type: ignore[no-unty
         return acc * np.float32(0.25)
 
     got = benchmark(run)
-    np.testing.assert_array_equal(got, alq_core.dequantize(alq_core.decode(payload), LEVELS) * np.float32(4) * np.float32(0.25))
+    np.testing.assert_array_equal(
+        got, alq_core.dequantize(alq_core.decode(payload), LEVELS) * np.float32(4) * np.float32(0.25)
+    )
 
 
 @pytest.mark.benchmark(group="torch-decode-sum-cpu-1M-W4")

@@ -20,10 +20,9 @@ if HAS_TRITON and not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import alq_core  # noqa: E402
+import alq_torch  # noqa: E402
 from alq_core import QuantizerConfig, default_levels, payload_size  # noqa: E402
 from alq_core.testing import assert_payloads_equal  # noqa: E402
-
-import alq_torch  # noqa: E402
 from alq_torch import decode_sum, quantize_encode  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install 'alq-torch[triton]')")
@@ -57,7 +56,9 @@ def _x(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return (torch.randn(n, generator=g) * 1e-2).to(dtype)
 
 
-def _check(x: torch.Tensor, config: QuantizerConfig, levels: np.ndarray | None = None, version: int = 3) -> torch.Tensor:
+def _check(
+    x: torch.Tensor, config: QuantizerConfig, levels: np.ndarray | None = None, version: int = 3
+) -> torch.Tensor:
     levels = default_levels(config) if levels is None else levels
     n = x.numel()
     u = np.random.default_rng(n).random(config.num_quantized(n), dtype=np.float32)
@@ -108,7 +109,9 @@ def test_low_precision_input(kernels: dict[str, int], dtype: torch.dtype) -> Non
     assert kernels["quantize_pack"] == 1
 
 
-@pytest.mark.parametrize("config", [QuantizerConfig("trn", bucket_size=128), QuantizerConfig("qsgd", bits=2, bucket_size=96, clip=1.0)])
+@pytest.mark.parametrize(
+    "config", [QuantizerConfig("trn", bucket_size=128), QuantizerConfig("qsgd", bits=2, bucket_size=96, clip=1.0)]
+)
 def test_clipping(kernels: dict[str, int], config: QuantizerConfig) -> None:
     x = torch.from_numpy(np.random.default_rng(0).standard_t(2, 1000).astype(np.float32))
     x[200:296] = 3.0  # a constant bucket clips to zero
@@ -179,8 +182,19 @@ def test_device_noise_is_deterministic_and_unbiased(kernels: dict[str, int]) -> 
 
 
 @pytest.mark.parametrize("w", [1, 2, 3, 8])
-@pytest.mark.parametrize(("method", "bits", "tail"), [("alq", 3, "quantize"), ("qsgd", 8, "full"), ("nuqsgd", 5, "quantize"), ("trn", 2, "full"), ("qsgd", 1, "quantize")])
-def test_decode_sum_kernel_matches_composition(kernels: dict[str, int], w: int, method: str, bits: int, tail: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "bits", "tail"),
+    [
+        ("alq", 3, "quantize"),
+        ("qsgd", 8, "full"),
+        ("nuqsgd", 5, "quantize"),
+        ("trn", 2, "full"),
+        ("qsgd", 1, "quantize"),
+    ],
+)
+def test_decode_sum_kernel_matches_composition(
+    kernels: dict[str, int], w: int, method: str, bits: int, tail: str
+) -> None:
     config = QuantizerConfig(method, bits=bits, bucket_size=96, tail=tail, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000

@@ -6,17 +6,16 @@ import subprocess
 import sys
 
 import alq_core
+import alq_torch
 import numpy as np
 import pytest
 import torch
 from alq_core import QuantizerConfig, default_levels
 from alq_core.testing import assert_quantized_equal
 from alq_core.testing.strategies import configs, gradients, levels_for, noise_for
+from alq_torch import bucket_stats, dequantize, quantize
 from hypothesis import given
 from hypothesis import strategies as st
-
-import alq_torch
-from alq_torch import bucket_stats, dequantize, quantize
 
 
 def _case(config: QuantizerConfig, x: np.ndarray, seed: int = 0) -> tuple[np.ndarray | None, np.ndarray]:
@@ -129,11 +128,11 @@ def test_unbiased_over_a_noise_grid() -> None:
 def test_input_validation_messages() -> None:
     config = QuantizerConfig("alq", bits=3, bucket_size=8)
     levels = default_levels(config)
-    with pytest.raises(TypeError, match="`x` must be a torch.Tensor; got ndarray"):
+    with pytest.raises(TypeError, match=r"`x` must be a torch\.Tensor; got ndarray"):
         quantize(np.zeros(8, np.float32), levels, config)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64; got torch.int32"):
+    with pytest.raises(TypeError, match=r"must be float16, bfloat16, float32 or float64; got torch\.int32"):
         quantize(torch.zeros(8, dtype=torch.int32), levels, config)
-    with pytest.raises(TypeError, match="`config` must be an alq_core.QuantizerConfig; got dict"):
+    with pytest.raises(TypeError, match=r"`config` must be an alq_core\.QuantizerConfig; got dict"):
         quantize(torch.zeros(8), levels, {})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`noise` must hold one uniform value per quantized coordinate \(8\); got 7"):
         quantize(torch.zeros(8), levels, config, noise=torch.zeros(7))

@@ -9,10 +9,9 @@ import torch
 from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, default_levels, payload_size
 from alq_core.testing import assert_payloads_equal, assert_quantized_equal
 from alq_core.testing.strategies import configs, gradients, levels_for, noise_for
+from alq_torch import decode, decode_sum, encode, pack_codes, quantize, quantize_encode, unpack_codes
 from hypothesis import given
 from hypothesis import strategies as st
-
-from alq_torch import decode, decode_sum, encode, pack_codes, quantize, quantize_encode, unpack_codes
 
 
 @given(bits=st.integers(1, 8), m=st.integers(0, 100), seed=st.integers(0, 2**32 - 1))
@@ -24,7 +23,7 @@ def test_pack_matches_core(bits: int, m: int, seed: int) -> None:
 
 
 def test_pack_validation() -> None:
-    with pytest.raises(ValueError, match="`bits` must be in 1..8; got 9"):
+    with pytest.raises(ValueError, match=r"`bits` must be in 1\.\.8; got 9"):
         pack_codes(torch.zeros(8, dtype=torch.uint8), 9)
     with pytest.raises(ValueError, match="10 codes of 3 bits need 6 bytes; got 5"):
         unpack_codes(torch.zeros(5, dtype=torch.uint8), 3, 10)
@@ -41,7 +40,9 @@ def test_encode_quantize_encode_decode_match_core(
     qt = quantize(torch.from_numpy(x), levels, config, noise=u)
     payload = encode(qt, levels, table_version=version)
     assert_payloads_equal(payload, expected)
-    assert_payloads_equal(quantize_encode(torch.from_numpy(x), levels, config, table_version=version, noise=u), expected)
+    assert_payloads_equal(
+        quantize_encode(torch.from_numpy(x), levels, config, table_version=version, noise=u), expected
+    )
     back = decode(payload, config=config, levels=levels, table_version=version)
     assert_quantized_equal(back, alq_core.decode(expected, config=config, levels=levels, table_version=version))
     total = decode_sum(torch.stack([payload, payload]), levels, config, x.size, table_version=version, scale=0.5)
@@ -69,7 +70,7 @@ def _payload(config: QuantizerConfig, n: int = 100, version: int = 1) -> tuple[t
 
 def test_decode_checks_like_the_core() -> None:
     config = QuantizerConfig("alq", bits=3, bucket_size=32)
-    p, levels = _payload(config)
+    p, _ = _payload(config)
     raw = p.numpy().tobytes()
 
     def both(payload: torch.Tensor, match: str, **kw: object) -> None:
@@ -143,13 +144,13 @@ def test_quantize_encode_seed_out_and_validation() -> None:
     buf = torch.zeros(payload_size(config, 300) + 3, dtype=torch.uint8)
     res = quantize_encode(x, levels, config, seed=7, out=buf[3:])
     assert torch.equal(buf[3:], a) and res.data_ptr() == buf[3:].data_ptr()
-    with pytest.raises(ValueError, match="`out` must be a contiguous 1-D torch.uint8 tensor of"):
+    with pytest.raises(ValueError, match=r"`out` must be a contiguous 1-D torch\.uint8 tensor of"):
         quantize_encode(x, levels, config, out=buf)
     with pytest.raises(ValueError, match="pass either `noise` or `seed`, not both"):
         quantize_encode(x, levels, config, seed=1, noise=torch.zeros(300))
     with pytest.raises(ValueError, match="`seed` must be a non-negative integer"):
         quantize_encode(x, levels, config, seed=-1)
-    with pytest.raises(TypeError, match="`table_version` must be a non-negative integer; got 1.5"):
+    with pytest.raises(TypeError, match=r"`table_version` must be a non-negative integer; got 1\.5"):
         quantize_encode(x, levels, config, table_version=1.5)  # type: ignore[arg-type]
     bad = x.clone()
     bad[70] = float("inf")

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="no-untyped-def,untyped-decorator,no-any-return"
+# (Triton JIT functions take and return untyped tensors by design.)
 """Fused Triton kernels: quantize + pack in one pass, and decode + sum of W payloads.
 
 Imported lazily (never at ``import alq_torch``): defining the kernels imports
@@ -171,8 +173,18 @@ def _round_quarter(x, mask, good, ok, s_safe, u, lv_ptr, L: tl.constexpr, BITS: 
 
 @triton.jit
 def _store_quarter(
-    out_ptr, codes_off, code, idx, base_g, rmask, ngroups,
-    R: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr,
+    out_ptr,
+    codes_off,
+    code,
+    idx,
+    base_g,
+    rmask,
+    ngroups,
+    R: tl.constexpr,
+    Q: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     if BITS == 8:
         cols = R * Q + tl.arange(0, Q)
@@ -196,10 +208,27 @@ def _store_quarter(
 
 @triton.jit
 def _qpack_kernel(
-    x_ptr, u_ptr, lv_ptr, head_ptr, out_ptr,
-    m, nb, ngroups, seed, clip_bits, codes_off,
-    D: tl.constexpr, Q: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
-    LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
+    x_ptr,
+    u_ptr,
+    lv_ptr,
+    head_ptr,
+    out_ptr,
+    m,
+    nb,
+    ngroups,
+    seed,
+    clip_bits,
+    codes_off,
+    D: tl.constexpr,
+    Q: tl.constexpr,
+    ROWS: tl.constexpr,
+    BITS: tl.constexpr,
+    L: tl.constexpr,
+    LINF: tl.constexpr,
+    CLIP: tl.constexpr,
+    NOISE: tl.constexpr,
+    LIB: tl.constexpr,
+    ROUNDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # header (40 bytes) by program 0
@@ -334,9 +363,22 @@ def quantize_pack(
 
 @triton.jit
 def _decode_sum_kernel(
-    p_ptr, stride_w, sc_ptr, lut_ptr, out_ptr,
-    m, ngroups, nb, codes_off, scale,
-    W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+    p_ptr,
+    stride_w,
+    sc_ptr,
+    lut_ptr,
+    out_ptr,
+    m,
+    ngroups,
+    nb,
+    codes_off,
+    scale,
+    W: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    BP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G: tl.constexpr = BLOCK // 8
@@ -358,7 +400,9 @@ def _decode_sum_kernel(
                 c8 = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
             else:
                 word = tl.sum(raw.to(tl.int64) << (bi * 8).to(tl.int64)[None, :], axis=1)
-                c8 = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+                c8 = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(
+                    tl.int32
+                )
             c = tl.reshape(c8, (BLOCK,))
         s = tl.load(sc_ptr + w * nb + bucket, mask=em, other=0.0)
         lv = tl.load(lut_ptr + c, mask=em, other=0.0)

@@ -258,7 +258,9 @@ def quantize(
     device = flat.device
     if not config.quantized:
         empty = torch.zeros(0, dtype=torch.uint8, device=device)
-        return QuantizedTensor(empty, torch.zeros(0, dtype=torch.float32, device=device), flat.clone(), n, config, shape)
+        return QuantizedTensor(
+            empty, torch.zeros(0, dtype=torch.float32, device=device), flat.clone(), n, config, shape
+        )
     table = level_table(levels, config, device)
     m = config.num_quantized(n)
     if noise is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,10 +55,11 @@ def host_levels(levels: object, config: QuantizerConfig) -> NDArray[np.float32]:
         msg = f"method {config.method!r} needs a level table; got None"
         raise ValueError(msg)
     if isinstance(levels, torch.Tensor):
-        arr: object = levels.detach().to("cpu", torch.float64).numpy()
+        arr: Any = levels.detach().to("cpu", torch.float64).numpy()
     else:
         arr = levels
-    return validate_levels(arr, num_levels=config.num_levels)  # type: ignore[arg-type]
+    table: NDArray[np.float32] = validate_levels(arr, num_levels=config.num_levels)
+    return table
 
 
 def _fast_key(levels: object, config: QuantizerConfig, device: torch.device) -> tuple[bytes, int, str] | None:
@@ -112,7 +114,17 @@ def header_tensor(
     config: QuantizerConfig, n: int, table_version: int, table_crc: int, device: torch.device
 ) -> torch.Tensor:
     """The 40-byte payload header as a uint8 tensor on ``device`` (cached)."""
-    key = (config.method, config.bits, config.bucket_size, config.norm, config.tail, n, table_version, table_crc, str(device))
+    key = (
+        config.method,
+        config.bits,
+        config.bucket_size,
+        config.norm,
+        config.tail,
+        n,
+        table_version,
+        table_crc,
+        str(device),
+    )
     with _LOCK:
         hit = _HEADERS.get(key)
         if hit is not None:

@@ -99,7 +99,7 @@ def _f32_bytes(t: torch.Tensor) -> torch.Tensor:
 def _bytes_f32(b: torch.Tensor) -> torch.Tensor:
     """Little-endian float32 values of a byte range (copied: the range may be unaligned)."""
     if b.numel() == 0:
-        return torch.zeros(b.shape[:-1] + (0,), dtype=torch.float32, device=b.device)
+        return torch.zeros((*b.shape[:-1], 0), dtype=torch.float32, device=b.device)
     dense = torch.empty(b.shape, dtype=torch.uint8, device=b.device)
     dense.copy_(b)
     return dense.view(torch.float32)
@@ -199,7 +199,11 @@ def _host_array(levels: object) -> object:
 
 def _check_payload_tensor(payload: object, name: str = "payload") -> torch.Tensor:
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
-        got = f"{payload.dtype} with shape {tuple(payload.shape)}" if isinstance(payload, torch.Tensor) else type(payload).__name__
+        got = (
+            f"{payload.dtype} with shape {tuple(payload.shape)}"
+            if isinstance(payload, torch.Tensor)
+            else type(payload).__name__
+        )
         msg = f"`{name}` must be a 1-D uint8 tensor; got {got}"
         raise TypeError(msg)
     return payload
@@ -483,12 +487,12 @@ def decode_sum(
             _kernels.decode_sum(payloads, scales, table, config, m, off_codes, out, scale32)
             if n > m:
                 tails = _bytes_f32(payloads[:, off_tail:])
-                acc = tails[0].clone()
+                tsum = tails[0].clone()
                 for w in range(1, w_count):
-                    acc = acc + tails[w]
-                out[m:].copy_(acc * scale32 if scale32 != 1.0 else acc)
+                    tsum = tsum + tails[w]
+                out[m:].copy_(tsum * scale32 if scale32 != 1.0 else tsum)
             return out
-    acc = None
+    acc: torch.Tensor | None = None
     for w in range(w_count):
         part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
         acc = part if acc is None else acc + part
