@@ -145,17 +145,17 @@ def _round_quarter(x, mask, good, ok, s_safe, u, lv_ptr, L: tl.constexpr, BITS: 
     v = tl.where(ok[:, None], v, 0.0)
     v = tl.minimum(tl.maximum(v, -1.0), 1.0)
     if L <= 16:
+        # one ascending pass, one predicate per level: the last level <= v sets j, lo and hi
         j = tl.zeros(v.shape, tl.int32)
         lo = tl.full(v.shape, -1.0, tl.float32)
-        hi = tl.full(v.shape, 1.0, tl.float32)
+        hi = tl.zeros(v.shape, tl.float32) + tl.load(lv_ptr + 1)
         for k in tl.static_range(1, L - 1):
             lk = tl.load(lv_ptr + k)
+            lk1 = tl.load(lv_ptr + k + 1)
             ge = v >= lk
-            j += ge.to(tl.int32)
+            j = tl.where(ge, k, j)
             lo = tl.where(ge, lk, lo)
-        for i in tl.static_range(1, L - 1):
-            lk = tl.load(lv_ptr + (L - 1 - i))
-            hi = tl.where(v < lk, lk, hi)
+            hi = tl.where(ge, lk1, hi)
     else:
         # branchless binary search over levels[0 .. L-2] (L is a power of two here)
         pos = tl.zeros(v.shape, tl.int32)
