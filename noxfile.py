@@ -30,6 +30,8 @@ TOOLS = ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"]
 def tests(session: nox.Session, package: str) -> None:
     """Install one package (and what it needs) from scratch and run its tests."""
     session.install(*CONSTRAINTS, *PACKAGES[package], *TOOLS)
+    # Multi-process Gloo tests start several torch processes on small machines: one thread each.
+    session.env.setdefault("OMP_NUM_THREADS", "1")
     session.run("pytest", f"packages/alq-{package}/tests", "-q", *session.posargs)
 
 
