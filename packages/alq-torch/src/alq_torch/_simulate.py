@@ -15,13 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import alq_core
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-import alq_core
 from alq_core import QuantizerConfig
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 def _ops() -> Any:
     """The alq_torch op module (imported lazily: it imports this module)."""
-    import alq_torch  # noqa: PLC0415
+    import alq_torch
 
     return alq_torch
 

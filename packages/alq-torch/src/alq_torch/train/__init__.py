@@ -8,7 +8,7 @@ and reports accuracy, quantization variance, bits on the wire and overheads.
 from .cli import ALL_METHODS, DEFAULTS, PRESETS, build_parser, main
 from .data import Dataset, WorkerSampler, load_cifar10, load_data, load_digits_data, make_synthetic
 from .loop import RunConfig, RunResult, evaluate, train_run
-from .models import CifarResNet, MLP, build_model, num_parameters
+from .models import MLP, CifarResNet, build_model, num_parameters
 
 __all__ = [
     "ALL_METHODS",

@@ -14,12 +14,12 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
-
-import numpy as np
-import torch
+from collections.abc import Sequence
+from typing import Any
 
 import alq_core
+import numpy as np
+import torch
 
 from .data import DATA_NAMES, load_data
 from .loop import RunConfig, probe_gradients, train_run
@@ -32,7 +32,7 @@ ALL_METHODS = tuple(alq_core.METHODS)
 DEFAULTS: dict[str, Any] = {
     "methods": "all",
     "bits": 3,
-    "bucket_size": 2048,
+    "bucket_size": 8192,
     "workers": 16,
     "seeds": "0,1,2",
     "steps": 300,
@@ -94,44 +94,117 @@ def build_parser() -> argparse.ArgumentParser:
             "Train with several gradient quantization methods side by side (K simulated workers on one "
             "device, or real DDP under torchrun) and report validation accuracy, normalized quantization "
             "variance, bits on the wire and the time spent quantizing and updating levels, like Table 1 "
-            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, K=16 workers, "
+            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, bucket 8192, K=16 workers, "
             "an MLP on the built-in handwritten digits, 3 seeds (a few minutes on a 2-core CPU)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = DEFAULTS
     g = p.add_argument_group("methods and quantizer")
-    g.add_argument("--methods", default=None, help=f"comma-separated names or 'all' ({', '.join(ALL_METHODS)}) [default: {d['methods']}]")
+    g.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated names or 'all' ({', '.join(ALL_METHODS)}) [default: {d['methods']}]",
+    )
     g.add_argument("--bits", type=int, default=None, help=f"bits per coordinate, 1..8 [default: {d['bits']}]")
-    g.add_argument("--bucket-size", type=int, default=None, help=f"coordinates per bucket [default: {d['bucket_size']}]")
-    g.add_argument("--clip", default=None, help="clip normalized coordinates at C std devs: a number, 'none', or 'auto' (2.5 for trn only) [default: auto]")
-    g.add_argument("--update-steps", default=None, help=f"comma-separated steps with a level update [default: {d['update_steps']}; paper: 0,100,2000]")
-    g.add_argument("--update-every", type=int, default=None, help=f"then update every N steps (0: never) [default: {d['update_every']}; paper: 10000]")
-    g.add_argument("--update-method", choices=("exact", "gd"), default=None, help="ALQ/AMQ optimizer: closed-form 'exact' or the paper's 'gd' [default: exact]")
+    g.add_argument(
+        "--bucket-size", type=int, default=None, help=f"coordinates per bucket [default: {d['bucket_size']}]"
+    )
+    g.add_argument(
+        "--clip",
+        default=None,
+        help="clip normalized coordinates at C std devs: a number, 'none', or 'auto' (2.5 for trn only) [default: auto]",
+    )
+    g.add_argument(
+        "--update-steps",
+        default=None,
+        help=f"comma-separated steps with a level update [default: {d['update_steps']}; paper: 0,100,2000]",
+    )
+    g.add_argument(
+        "--update-every",
+        type=int,
+        default=None,
+        help=f"then update every N steps (0: never) [default: {d['update_every']}; paper: 10000]",
+    )
+    g.add_argument(
+        "--update-method",
+        choices=("exact", "gd"),
+        default=None,
+        help="ALQ/AMQ optimizer: closed-form 'exact' or the paper's 'gd' [default: exact]",
+    )
     g.add_argument("--dist-num", type=int, default=None, help="buckets kept by the norm-based statistics [default: 50]")
     g = p.add_argument_group("training")
-    g.add_argument("--workers", "-K", type=int, default=None, help=f"simulated workers K (ignored under torchrun: K = WORLD_SIZE) [default: {d['workers']}]")
+    g.add_argument(
+        "--workers",
+        "-K",
+        type=int,
+        default=None,
+        help=f"simulated workers K (ignored under torchrun: K = WORLD_SIZE) [default: {d['workers']}]",
+    )
     g.add_argument("--seeds", default=None, help=f"comma-separated seeds [default: {d['seeds']}]")
     g.add_argument("--steps", type=int, default=None, help=f"training steps [default: {d['steps']}]")
-    g.add_argument("--epochs", type=float, default=None, help="training length in epochs of the training set (overrides --steps)")
+    g.add_argument(
+        "--epochs", type=float, default=None, help="training length in epochs of the training set (overrides --steps)"
+    )
     g.add_argument("--lr", type=float, default=None, help=f"learning rate, x0.1 at each milestone [default: {d['lr']}]")
-    g.add_argument("--milestones", default=None, help="fractions of training where lr is multiplied by 0.1 [default: 0.5,0.75 as 40k/60k of 80k]")
+    g.add_argument(
+        "--milestones",
+        default=None,
+        help="fractions of training where lr is multiplied by 0.1 [default: 0.5,0.75 as 40k/60k of 80k]",
+    )
     g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum [default: {d['momentum']}]")
     g.add_argument("--weight-decay", type=float, default=None, help=f"weight decay [default: {d['weight_decay']}]")
     g.add_argument("--batch-size", type=int, default=None, help=f"mini-batch per worker [default: {d['batch_size']}]")
-    g.add_argument("--model", default=None, help="mlp, mlp-<width>, resnet8/20/32/44/56/110 (CIFAR, option A), resnet18/50 (torchvision) [default: mlp]")
-    g.add_argument("--data", choices=DATA_NAMES, default=None, help="digits (built in), cifar10 (needs --data-dir), synthetic (CIFAR-shaped) [default: digits]")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="mlp, mlp-<width>, resnet8/20/32/44/56/110 (CIFAR, option A), resnet18/50 (torchvision) [default: mlp]",
+    )
+    g.add_argument(
+        "--data",
+        choices=DATA_NAMES,
+        default=None,
+        help="digits (built in), cifar10 (needs --data-dir), synthetic (CIFAR-shaped) [default: digits]",
+    )
     g.add_argument("--data-dir", default=None, help="directory of CIFAR-10's python batches (cifar-10-batches-py)")
-    g.add_argument("--synthetic-size", type=int, default=None, help="training examples of --data synthetic [default: 10000]")
+    g.add_argument(
+        "--synthetic-size", type=int, default=None, help="training examples of --data synthetic [default: 10000]"
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available else cpu]")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the paper's settings (SPEC section 10); explicit flags override")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the paper's settings (SPEC section 10); explicit flags override",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory [default: ./runs/<data>-<model>-b<bits>-K<K>-<time>]")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR", help="continue the comparison in DIR (or --out) from its checkpoints, with its saved settings")
-    g.add_argument("--eval-every", type=int, default=None, help="validation every N steps [default: ~20 points per run]")
-    g.add_argument("--log-every", type=int, default=None, help="log the quantization variance every N steps [default: ~40 points per run]")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (a final checkpoint is always written) [default: 0]")
-    g.add_argument("--stop-at", type=int, default=None, help="stop every run after this step and checkpoint it (to test --resume)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="continue the comparison in DIR (or --out) from its checkpoints, with its saved settings",
+    )
+    g.add_argument(
+        "--eval-every", type=int, default=None, help="validation every N steps [default: ~20 points per run]"
+    )
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="log the quantization variance every N steps [default: ~40 points per run]",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="checkpoint every N steps (a final checkpoint is always written) [default: 0]",
+    )
+    g.add_argument(
+        "--stop-at", type=int, default=None, help="stop every run after this step and checkpoint it (to test --resume)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
@@ -157,10 +230,16 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if val is not None:
             s[key] = val
     methods = str(s["methods"])
-    names = list(ALL_METHODS) if methods.strip().lower() == "all" else [m.strip().lower() for m in methods.split(",") if m.strip()]
+    names = (
+        list(ALL_METHODS)
+        if methods.strip().lower() == "all"
+        else [m.strip().lower() for m in methods.split(",") if m.strip()]
+    )
     bad = [m for m in names if m not in ALL_METHODS]
     if bad or not names:
-        raise SystemExit(f"alq-train: error: --methods must be 'all' or names from {', '.join(ALL_METHODS)}; got {methods!r}")
+        raise SystemExit(
+            f"alq-train: error: --methods must be 'all' or names from {', '.join(ALL_METHODS)}; got {methods!r}"
+        )
     s["methods"] = names
     seeds = str(s["seeds"])
     s["seeds"] = list(_ints(seeds, "seeds"))
@@ -170,7 +249,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     try:
         s["milestones"] = [float(t) for t in str(s["milestones"]).split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"alq-train: error: --milestones must be comma-separated fractions; got {s['milestones']!r}") from None
+        raise SystemExit(
+            f"alq-train: error: --milestones must be comma-separated fractions; got {s['milestones']!r}"
+        ) from None
     clip = s["clip"]
     if isinstance(clip, str) and clip.lower() == "none":
         s["clip"] = None
@@ -196,7 +277,9 @@ def _device(name: str | None) -> torch.device:
     if name:
         dev = torch.device(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"alq-train: error: --device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+            raise SystemExit(
+                f"alq-train: error: --device {name} asked for CUDA but torch sees no GPU; use --device cpu"
+            )
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -246,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alq-train`` and ``python -m alq_torch.train``."""
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .ddp import main_ddp  # noqa: PLC0415
+        from .ddp import main_ddp
 
         return main_ddp(args)
     t_start = time.perf_counter()
@@ -257,14 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("alq-train: error: --resume needs a directory: --resume DIR (or --out DIR)")
         cfg_path = os.path.join(resume_dir, "config.json")
         if not os.path.isfile(cfg_path):
-            raise SystemExit(f"alq-train: error: --resume {resume_dir!r}: no config.json there (not an alq-train output directory)")
+            raise SystemExit(
+                f"alq-train: error: --resume {resume_dir!r}: no config.json there (not an alq-train output directory)"
+            )
         with open(cfg_path, encoding="utf-8") as fh:
             s = json.load(fh)
         print(f"resuming {resume_dir} with its saved settings")
     else:
         s = resolve(args)
     device = _device(args.device)
-    data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
+    try:
+        data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"alq-train: error: {exc}") from None
     workers = int(s["workers"])
     n_train = int(data.y_train.shape[0])
     if s.get("epochs") is not None:
@@ -312,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(res_path, d)
             results.append(d)
             if not progress:
-                print(f"  {method:>7} seed {seed}: val acc {res.final_val_acc:.4f}, qvar {res.final_variance:.3g}", flush=True)
+                print(
+                    f"  {method:>7} seed {seed}: val acc {res.final_val_acc:.4f}, qvar {res.final_variance:.3g}",
+                    flush=True,
+                )
     if stopped:
         print(f"stopped at step {args.stop_at}; continue with: alq-train --resume {out}")
         return 0
@@ -339,8 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as fh:
         fh.write(table + "\n")
     plots = [] if args.no_plots else plot_all(results, out, title=title)
-    print(f"\nwall time {wall:.1f} s; results in {os.path.abspath(out)}: results.json, results.csv, table.txt"
-          + (", " + ", ".join(os.path.basename(p) for p in plots) if plots else ""))
+    print(
+        f"\nwall time {wall:.1f} s; results in {os.path.abspath(out)}: results.json, results.csv, table.txt"
+        + (", " + ", ".join(os.path.basename(p) for p in plots) if plots else "")
+    )
     return 0
 
 
@@ -352,9 +445,9 @@ def same_gradient_variance(
     The probe gradients are K worker gradients of the final model of the first
     method's run (``fp32`` in the default order) on fixed mini-batches.
     """
-    from .._simulate import SimulatedWorkers  # noqa: PLC0415
-    from .loop import _load_checkpoint, make_quantizer  # noqa: PLC0415
-    from .models import build_model  # noqa: PLC0415
+    from .._simulate import SimulatedWorkers
+    from .loop import _load_checkpoint, make_quantizer
+    from .models import build_model
 
     same: dict[str, list[float]] = {m: [] for m in s["methods"]}
     for seed in s["seeds"]:
@@ -369,7 +462,9 @@ def same_gradient_variance(
             if not os.path.isfile(ck):
                 continue
             run = _run_config(s, method, seed, steps, workers)
-            sim = SimulatedWorkers(run.quantizer_config(), quantizer=make_quantizer(run), device=device, seed=40_000 + seed)
+            sim = SimulatedWorkers(
+                run.quantizer_config(), quantizer=make_quantizer(run), device=device, seed=40_000 + seed
+            )
             sim.quantizer.load_state_dict(_load_checkpoint(ck)["sim"]["quantizer"])
             same[method].append(sim.variance(grads, repeats=4) if run.quantizer_config().quantized else 0.0)
     return same

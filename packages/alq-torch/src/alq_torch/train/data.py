@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ def load_digits_data(val_fraction: float = 0.2) -> Dataset:
     the training part's per-feature mean and std.
     """
     try:
-        from sklearn.datasets import load_digits  # noqa: PLC0415
+        from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - declared dependency
         msg = "the built-in digits data needs scikit-learn; fix: pip install scikit-learn"
         raise ImportError(msg) from exc
@@ -116,7 +117,7 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             obj: Any = pickle.load(fh, encoding="bytes")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a malformed file
+    except Exception as exc:
         msg = f"CIFAR-10 batch file {path!r} is not a readable pickle ({type(exc).__name__}: {exc})"
         raise ValueError(msg) from exc
     if not isinstance(obj, dict):

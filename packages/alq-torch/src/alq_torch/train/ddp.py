@@ -16,16 +16,36 @@ import os
 import time
 from typing import Any
 
+import alq_core
 import numpy as np
 import torch
 import torch.distributed as dist
-import alq_core
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .data import Dataset, WorkerSampler, load_data
-from .loop import RunConfig, RunResult, _load_checkpoint, _save_checkpoint, _sync, _tensor_state, evaluate, make_quantizer
+from .loop import (
+    RunConfig,
+    RunResult,
+    _load_checkpoint,
+    _save_checkpoint,
+    _sync,
+    _tensor_state,
+    evaluate,
+    make_quantizer,
+)
 from .models import build_model, num_parameters
+
+
+def _checked_hook(hook: Any) -> Any:
+    """``hook`` with real (not string) annotations: DDP's ``register_comm_hook`` inspects them,
+    and a module using ``from __future__ import annotations`` hands it strings."""
+
+    def wrapped(state: Any, bucket: Any) -> Any:
+        return hook(state, bucket)
+
+    wrapped.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    return wrapped
 
 
 def _mean_over_ranks(x: float, device: torch.device) -> float:
@@ -46,7 +66,7 @@ def train_run_ddp(
     desc: str,
 ) -> RunResult | None:
     """Train one (method, seed) with DDP over the initialized process group."""
-    from .. import ALQState, alq_hook  # noqa: PLC0415
+    from .. import ALQState, alq_hook
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(run.seed)
@@ -65,7 +85,7 @@ def train_run_ddp(
         dist_num=run.dist_num,
         measure_variance=log_every,
     )
-    model.register_comm_hook(state_hook, alq_hook)
+    model.register_comm_hook(state_hook, _checked_hook(alq_hook))
     sampler = WorkerSampler(data.y_train.shape[0], world, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + 1000 * run.seed + rank)
     opt = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
@@ -93,7 +113,9 @@ def train_run_ddp(
         aug.set_state(ck["aug"])
         st = ck["state"]
     if qcfg.quantized and not st["levels"]:
-        st["levels"].append({"step": 0, "levels": np.asarray(state_hook.levels, dtype=np.float64).tolist(), "initial": True})
+        st["levels"].append(
+            {"step": 0, "levels": np.asarray(state_hook.levels, dtype=np.float64).tolist(), "initial": True}
+        )
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -110,7 +132,7 @@ def train_run_ddp(
     end = run.steps if stop_at is None else min(run.steps, stop_at)
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm.auto import tqdm
 
         bar = tqdm(total=run.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True)
     times = st["times"]
@@ -136,10 +158,12 @@ def train_run_ddp(
             if rec.level_update is not None:
                 times["update"] += rec.level_update.seconds
                 st["num_updates"] += 1
-                st["levels"].append({"step": step, "levels": list(rec.level_update.levels), "reason": rec.level_update.reason})
+                st["levels"].append(
+                    {"step": step, "levels": list(rec.level_update.levels), "reason": rec.level_update.reason}
+                )
         st["step"] = step + 1
         log_now = step % log_every == 0 or step == run.steps - 1
-        entry: dict[str, float] = {"step": float(step + 1), "lr": run.lr_at(step), "loss": float(loss)}
+        entry: dict[str, float] = {"step": float(step + 1), "lr": run.lr_at(step), "loss": float(loss.detach())}
         if log_now and rec is not None and step % log_every == 0:
             var = rec.variance if qcfg.quantized else 0.0
             st["last_var"] = _mean_over_ranks(float(var) if var is not None else float("nan"), device)
@@ -188,8 +212,8 @@ def train_run_ddp(
 
 def main_ddp(args: argparse.Namespace) -> int:
     """``alq-train`` under torchrun: one process per worker."""
-    from .cli import _run_config, _versions, resolve  # noqa: PLC0415
-    from .report import format_table, plot_all, summarize, write_csv, write_json  # noqa: PLC0415
+    from .cli import _run_config, _versions, resolve
+    from .report import format_table, plot_all, summarize, write_csv, write_json
 
     t_start = time.perf_counter()
     use_cuda = torch.cuda.is_available() and (args.device is None or str(args.device).startswith("cuda"))
@@ -220,14 +244,19 @@ def main_ddp(args: argparse.Namespace) -> int:
         if not out:
             holder: list[Any] = [time.strftime("%Y%m%d-%H%M%S")]
             dist.broadcast_object_list(holder, src=0)
-            out = os.path.join("runs", f"ddp-{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-W{world}-{holder[0]}")
+            out = os.path.join(
+                "runs", f"ddp-{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-W{world}-{holder[0]}"
+            )
         if rank == 0:
             os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
             os.makedirs(os.path.join(out, "runs"), exist_ok=True)
             if not resume_dir:
                 write_json(os.path.join(out, "config.json"), s)
-            print(f"alq-train (DDP, {dist.get_backend()}, {world} ranks): {len(s['methods'])} methods x {len(s['seeds'])} seeds, "
-                  f"{steps} steps, batch {s['batch_size']}/rank; output -> {out}", flush=True)
+            print(
+                f"alq-train (DDP, {dist.get_backend()}, {world} ranks): {len(s['methods'])} methods x {len(s['seeds'])} seeds, "
+                f"{steps} steps, batch {s['batch_size']}/rank; output -> {out}",
+                flush=True,
+            )
         dist.barrier()
         results: list[dict[str, Any]] = []
         stopped = False
@@ -240,8 +269,13 @@ def main_ddp(args: argparse.Namespace) -> int:
                         results.append(json.load(fh))
                     continue
                 res = train_run_ddp(
-                    run, data, device=device, checkpoint=os.path.join(out, "checkpoints", f"{method}-s{seed}.pt"),
-                    resume=resume_dir is not None, stop_at=args.stop_at, progress=not args.no_progress,
+                    run,
+                    data,
+                    device=device,
+                    checkpoint=os.path.join(out, "checkpoints", f"{method}-s{seed}.pt"),
+                    resume=resume_dir is not None,
+                    stop_at=args.stop_at,
+                    progress=not args.no_progress,
                     desc=f"{method:>7} seed {seed}",
                 )
                 dist.barrier()
@@ -262,10 +296,19 @@ def main_ddp(args: argparse.Namespace) -> int:
                 print()
                 print(table)
                 wall = time.perf_counter() - t_start
-                write_json(os.path.join(out, "results.json"), {
-                    "settings": s, "device": str(device), "versions": _versions(), "summary": rows,
-                    "runs": results, "wall_seconds": wall, "table": table, "mode": "ddp",
-                })
+                write_json(
+                    os.path.join(out, "results.json"),
+                    {
+                        "settings": s,
+                        "device": str(device),
+                        "versions": _versions(),
+                        "summary": rows,
+                        "runs": results,
+                        "wall_seconds": wall,
+                        "table": table,
+                        "mode": "ddp",
+                    },
+                )
                 write_csv(os.path.join(out, "results.csv"), rows)
                 if not args.no_plots:
                     plot_all(results, out, title=title)
@@ -277,4 +320,3 @@ def main_ddp(args: argparse.Namespace) -> int:
 
 
 __all__ = ["main_ddp", "train_run_ddp"]
-

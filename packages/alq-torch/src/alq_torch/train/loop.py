@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+import alq_core
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import alq_core
 
 from .._simulate import SimulatedWorkers
 from .data import Dataset, WorkerSampler
@@ -176,7 +176,7 @@ class GradientComputer:
 
     def _vmapped(self) -> Callable[..., Any]:
         if self._fn is None:
-            from torch.func import functional_call, grad_and_value, vmap  # noqa: PLC0415
+            from torch.func import functional_call, grad_and_value, vmap
 
             model = self.model
 
@@ -203,7 +203,7 @@ class GradientComputer:
             loss = F.cross_entropy(self.model(xs[i]), ys[i])
             loss.backward()
             rows.append(torch.cat([p.grad.reshape(-1) for p in self.params]))  # type: ignore[union-attr]
-            total += float(loss)
+            total += float(loss.detach())
         return torch.stack(rows), total / k
 
     def set_grad(self, flat: Tensor) -> None:
@@ -360,9 +360,11 @@ def train_run(
         end = start
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm.auto import tqdm
 
-        bar = tqdm(total=run.steps, initial=start, desc=desc or f"{run.method} s{run.seed}", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=run.steps, initial=start, desc=desc or f"{run.method} s{run.seed}", leave=False, dynamic_ncols=True
+        )
     times = state["times"]
     for step in range(start, end):
         for g in opt.param_groups:
@@ -471,7 +473,9 @@ def train_run(
     return result, model, sim
 
 
-def probe_gradients(model: nn.Module, data: Dataset, workers: int, batch_size: int, seed: int, device: torch.device) -> Tensor:
+def probe_gradients(
+    model: nn.Module, data: Dataset, workers: int, batch_size: int, seed: int, device: torch.device
+) -> Tensor:
     """K worker gradients (K, n) of ``model`` on fixed mini-batches (seeded), without augmentation.
 
     Used to compare every method's level table on the same gradients.
@@ -489,4 +493,13 @@ def probe_gradients(model: nn.Module, data: Dataset, workers: int, batch_size: i
     return grads.detach()
 
 
-__all__ = ["GradientComputer", "RunConfig", "RunResult", "ScheduledQuantizer", "evaluate", "make_quantizer", "probe_gradients", "train_run"]
+__all__ = [
+    "GradientComputer",
+    "RunConfig",
+    "RunResult",
+    "ScheduledQuantizer",
+    "evaluate",
+    "make_quantizer",
+    "probe_gradients",
+    "train_run",
+]

@@ -40,9 +40,7 @@ class _BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = (
-            _ShortcutA(cout - cin) if stride != 1 or cin != cout else nn.Identity()
-        )
+        self.shortcut: nn.Module = _ShortcutA(cout - cin) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -146,7 +144,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         raise ValueError(msg)
     if depth in (18, 50):
         try:
-            import torchvision  # noqa: PLC0415
+            import torchvision
         except ImportError as exc:
             msg = f"model {name!r} needs torchvision; fix: pip install 'alq-torch[vision]'"
             raise ImportError(msg) from exc
@@ -165,4 +163,3 @@ def num_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["CIFAR_RESNET_DEPTHS", "MODEL_NAMES", "CifarResNet", "MLP", "build_model", "num_parameters"]
-

@@ -6,7 +6,8 @@ import csv
 import json
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ def _std(vals: Sequence[float]) -> float:
     return float(np.std(good, ddof=1)) if len(good) > 1 else 0.0
 
 
-def summarize(results: Sequence[dict[str, Any]], same_grads: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+def summarize(
+    results: Sequence[dict[str, Any]], same_grads: dict[str, list[float]] | None = None
+) -> list[dict[str, Any]]:
     """One row per method (in first-seen order), aggregated over seeds.
 
     Parameters
@@ -206,10 +209,10 @@ def _series(results: Sequence[dict[str, Any]], method: str, key: str) -> tuple[n
 
 def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = "") -> list[str]:
     """Write accuracy.png, variance.png and levels.png into ``out_dir``; return their paths."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     methods: list[str] = []
     for r in results:

@@ -1,0 +1,71 @@
+"""The harness under torchrun: a 2-process Gloo run with the ALQ communication hook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import alq_torch
+
+SRC = [os.path.dirname(os.path.dirname(alq_torch.__file__))]
+try:
+    import alq_core
+
+    SRC.append(os.path.dirname(os.path.dirname(alq_core.__file__)))
+except ImportError:  # pragma: no cover
+    pass
+
+
+def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "ddp"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*SRC, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "alq_torch.train",
+        "--methods",
+        "fp32,nuqsgd,alq",
+        "--seeds",
+        "0",
+        "--steps",
+        "8",
+        "--update-steps",
+        "0,4",
+        "--model",
+        "mlp-16",
+        "--batch-size",
+        "8",
+        "--bucket-size",
+        "256",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DDP 2 ranks" in proc.stdout
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["mode"] == "ddp"
+    rows = {r["method"]: r for r in payload["summary"]}
+    assert set(rows) == {"fp32", "nuqsgd", "alq"}
+    for r in rows.values():
+        assert r["workers"] == 2
+        assert 0.0 <= r["val_acc_mean"] <= 1.0
+    assert rows["fp32"]["variance"] == 0
+    assert rows["nuqsgd"]["variance"] > 0 and rows["alq"]["variance"] > 0
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert runs["alq"]["num_updates"] == 2 and runs["nuqsgd"]["num_updates"] == 0
+    assert runs["alq"]["mode"] == "ddp-gloo-2"
