@@ -132,7 +132,7 @@ class SimulatedWorkers:
 
     def bits_per_worker(self, n: int) -> int:
         """Bits one worker sends per step for ``n`` coordinates: ``8 * alq_core.payload_size``."""
-        return 8 * alq_core.payload_size(self.config, int(n))
+        return 8 * int(alq_core.payload_size(self.config, int(n)))
 
     def stats(self, grads: Tensor) -> Any:
         """Merged statistics of the workers' gradients, an :class:`alq_core.GradientStats`.

@@ -44,7 +44,8 @@ def _checked_hook(hook: Any) -> Any:
     def wrapped(state: Any, bucket: Any) -> Any:
         return hook(state, bucket)
 
-    wrapped.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    bucket_type = getattr(dist, "GradBucket")  # noqa: B009 - not re-exported in torch's stubs
+    wrapped.__annotations__ = {"state": object, "bucket": bucket_type, "return": torch.futures.Future[torch.Tensor]}
     return wrapped
 
 
@@ -146,7 +147,7 @@ def train_run_ddp(
         y = data.y_train[idx]
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         _sync(device)
         times["train"] += time.perf_counter() - t0

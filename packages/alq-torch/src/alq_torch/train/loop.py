@@ -201,7 +201,7 @@ class GradientComputer:
             for p in self.params:
                 p.grad = None
             loss = F.cross_entropy(self.model(xs[i]), ys[i])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             rows.append(torch.cat([p.grad.reshape(-1) for p in self.params]))  # type: ignore[union-attr]
             total += float(loss.detach())
         return torch.stack(rows), total / k

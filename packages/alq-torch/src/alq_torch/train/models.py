@@ -84,7 +84,8 @@ class CifarResNet(nn.Module):
         out = F.relu(self.bn(self.conv(x)))
         out = self.blocks(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        logits: Tensor = self.fc(out)
+        return logits
 
 
 class MLP(nn.Module):
@@ -102,7 +103,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
