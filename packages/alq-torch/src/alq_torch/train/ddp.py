@@ -37,18 +37,6 @@ from .loop import (
 from .models import build_model, num_parameters
 
 
-def _checked_hook(hook: Any) -> Any:
-    """``hook`` with real (not string) annotations: DDP's ``register_comm_hook`` inspects them,
-    and a module using ``from __future__ import annotations`` hands it strings."""
-
-    def wrapped(state: Any, bucket: Any) -> Any:
-        return hook(state, bucket)
-
-    bucket_type = getattr(dist, "GradBucket")  # noqa: B009 - not re-exported in torch's stubs
-    wrapped.__annotations__ = {"state": object, "bucket": bucket_type, "return": torch.futures.Future[torch.Tensor]}
-    return wrapped
-
-
 def _mean_over_ranks(x: float, device: torch.device) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -86,7 +74,7 @@ def train_run_ddp(
         dist_num=run.dist_num,
         measure_variance=log_every,
     )
-    model.register_comm_hook(state_hook, _checked_hook(alq_hook))
+    model.register_comm_hook(state_hook, alq_hook)
     sampler = WorkerSampler(data.y_train.shape[0], world, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + 1000 * run.seed + rank)
     opt = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
@@ -236,7 +224,7 @@ def main_ddp(args: argparse.Namespace) -> int:
         data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
         n_train = int(data.y_train.shape[0])
         if s.get("epochs") is not None:
-            steps = max(1, int(round(float(s["epochs"]) * n_train / (world * int(s["batch_size"])))))
+            steps = max(1, round(float(s["epochs"]) * n_train / (world * int(s["batch_size"]))))
         else:
             steps = int(s["steps"])
         s["resolved_steps"] = steps
