@@ -10,7 +10,8 @@ against ``alq_core`` on a 2M-coordinate slice.
 
 Part 2 (two GPUs, skipped with a note otherwise): exact float32 NCCL all-reduce vs
 the quantized all-reduce (all-gather and reduce-scatter paths) of 25.56M float32, in
-the same run, over the socket transport (``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1``)
+the same run, over the socket transport (``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+NCCL_IB_DISABLE=1 NCCL_NET=Socket``)
 and over the default transport (NVLink).
 """
 
@@ -105,7 +106,7 @@ def naive_pipeline(x: Any, levels_dev: Any, d: int) -> Any:
     u = cp.random.randint(0, 1 << 24, full, dtype=cp.int64).astype(cp.float32) * np.float32(2**-24)
     codes = (j + (u < p)).astype(cp.uint64)
     shifts = (cp.arange(8, dtype=cp.uint64) * BITS).reshape(1, 8)
-    words = cp.bitwise_or.reduce(codes.reshape(-1, 8) << shifts, axis=1)
+    words = (codes.reshape(-1, 8) << shifts).sum(axis=1, dtype=cp.uint64)  # fields do not overlap: sum == OR
     return words.view(cp.uint8).reshape(-1, 8)[:, :BITS].reshape(-1)
 
 
@@ -269,7 +270,8 @@ def part_multi(iters: int) -> dict[str, Any]:
         return {"skipped": "CuPy cannot load NCCL"}
     out: dict[str, Any] = {}
     ctx = mp.get_context("spawn")
-    for name, env in (("socket", {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}), ("default", {})):
+    socket = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_IB_DISABLE": "1", "NCCL_NET": "Socket"}
+    for name, env in (("socket", socket), ("default", {})):
         with tempfile.TemporaryDirectory() as tmp:
             uid, result = str(Path(tmp) / "uid"), str(Path(tmp) / "r.json")
             procs = [ctx.Process(target=_rank, args=(r, 2, uid, iters, result, env)) for r in range(2)]

@@ -63,8 +63,9 @@ def _info(benchmark: Any) -> None:
     import alq_cupy  # noqa: F401
     import cupy as cp
 
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    benchmark.extra_info.update(device=str(props["name"]), cupy=cp.__version__, numpy=np.__version__, n=N, bits=BITS)
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
+    device = name.decode() if isinstance(name, bytes) else str(name)
+    benchmark.extra_info.update(device=device, cupy=cp.__version__, numpy=np.__version__, n=N, bits=BITS)
 
 
 @pytest.mark.benchmark(group="cupy-quantize-encode")

@@ -205,3 +205,50 @@ def test_header_count_mismatch_is_reported() -> None:
     payload = alq_core.encode(q, alq_core.uniform_levels(2))
     with pytest.raises(alq_core.PayloadError, match="payload holds 8 elements, expected 9"):
         check_header(payload[:40], len(payload), count=9)
+
+
+# ------------------------------------------------------------------------------------------- NCCL ids
+
+
+def test_unique_id_normalizes_cupy14_bytes_and_older_signed_tuples() -> None:
+    from alq_cupy._comm import unique_id_bytes
+
+    raw = bytes((37 * i + 200) % 256 for i in range(128))
+    assert unique_id_bytes(raw) == raw
+    signed = tuple(b - 256 if b > 127 else b for b in raw)
+    assert min(signed) < 0
+    assert unique_id_bytes(signed) == raw
+    assert unique_id_bytes(list(raw)) == raw
+    assert unique_id_bytes(bytes.fromhex(raw.hex())) == raw  # the from_file round trip
+    with pytest.raises(ValueError, match="`unique_id` must hold 128 bytes; got 127"):
+        unique_id_bytes(raw[:127])
+    with pytest.raises(TypeError, match="`unique_id` must be the 128 bytes from nccl_unique_id"):
+        unique_id_bytes("abc")
+    with pytest.raises(TypeError, match="`unique_id` must be the 128 bytes from nccl_unique_id"):
+        unique_id_bytes((300,) * 128)
+
+
+def test_nccl_communicator_gets_bytes_or_falls_back_to_signed_chars() -> None:
+    from alq_cupy._comm import _new_nccl_comm
+
+    raw = bytes((37 * i + 200) % 256 for i in range(128))
+    seen: list[object] = []
+
+    class Cupy14:
+        def NcclCommunicator(self, ndev: int, comm_id: bytes, rank: int) -> str:
+            if not isinstance(comm_id, bytes):
+                raise TypeError("expected bytes")
+            seen.append(comm_id)
+            return "comm14"
+
+    class Cupy13:
+        def NcclCommunicator(self, ndev: int, comm_id: tuple[int, ...], rank: int) -> str:
+            if not isinstance(comm_id, tuple):
+                raise TypeError("expected tuple")
+            seen.append(comm_id)
+            return "comm13"
+
+    assert _new_nccl_comm(Cupy14(), 2, raw, 1) == "comm14"
+    assert _new_nccl_comm(Cupy13(), 2, raw, 1) == "comm13"
+    assert seen[0] == raw
+    assert seen[1] == tuple(b - 256 if b > 127 else b for b in raw)

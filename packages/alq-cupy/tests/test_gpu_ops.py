@@ -126,8 +126,12 @@ def test_decode_sum_rejects_a_foreign_table_version_and_size() -> None:
     p = alq_cupy.quantize_encode(x, levels, config, table_version=1, seed=1)
     with pytest.raises(alq_core.PayloadError, match="level-table version mismatch: payload has 1, reader has 2"):
         alq_cupy.decode_sum(p.reshape(1, -1), levels, config, 300, table_version=2)
-    with pytest.raises(ValueError, match=r"`payloads` must be uint8 of shape \(W, payload_size = "):
+    # 301 elements pack into as many bytes as 300 (38 groups of 8 codes): the header check catches it
+    assert alq_core.payload_size(config, 301) == p.size
+    with pytest.raises(alq_core.PayloadError, match="payload holds 300 elements, expected 301"):
         alq_cupy.decode_sum(p.reshape(1, -1), levels, config, 301)
+    with pytest.raises(ValueError, match=r"`payloads` must be uint8 of shape \(W, payload_size = 2\d\d\)"):
+        alq_cupy.decode_sum(p.reshape(1, -1), levels, config, 400)
 
 
 def test_decode_sum_flags_out_of_table_codes() -> None:
@@ -141,6 +145,47 @@ def test_decode_sum_flags_out_of_table_codes() -> None:
         alq_cupy.decode_sum(p, levels, config, 64)
     with pytest.raises(alq_core.PayloadError, match="payload holds code 3 but the table has 3 levels"):
         alq_cupy.decode(p)
+
+
+def test_kernel_source_compiles_without_flush_to_zero() -> None:
+    """NVRTC with exactly our options emits no .ftz instruction (CuPy's RawModule would add -ftz=true)."""
+    from alq_cupy import _kernels as K
+    from cupy.cuda import nvrtc
+
+    arch = f"-arch=compute_{cp.cuda.Device().compute_capability}"
+    prog = nvrtc.createProgram(K.SOURCE, "alq_check.cu", (), ())
+    try:
+        nvrtc.compileProgram(prog, [*K.OPTIONS, arch, "--device-as-default-execution-space"])
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    text = ptx.decode() if isinstance(ptx, bytes) else str(ptx)
+    assert ".ftz" not in text
+    assert "div.rn.f32" in text
+    assert "-ftz=true" not in " ".join(K.OPTIONS)
+
+
+@pytest.mark.parametrize("method", ["qsgd", "qsgdinf", "alq", "trn"])
+@pytest.mark.parametrize("tiny", [1e-42, 1e-44, 1.4e-45, 1e-39])
+def test_subnormal_inputs_and_scales_are_kept(method: str, tiny: float) -> None:
+    """Float32 subnormals are not flushed to zero (the kernels are built without -ftz=true)."""
+    config = alq_core.QuantizerConfig(method, bits=2, bucket_size=8, nonfinite="propagate")
+    levels = alq_core.default_levels(config)
+    x = np.full(24, tiny, dtype=np.float32)
+    x[1::3] *= -1
+    x[8] = np.nan  # bucket 1 non-finite, buckets 0 and 2 subnormal
+    x[17] = 1.0  # bucket 2 normal scale, subnormal coordinates
+    assert 0 < abs(float(x[0])) < np.finfo(np.float32).tiny
+    u = np.random.default_rng(0).random(24, dtype=np.float32)
+    u[:4] = 0.0
+    u[16:20] = 0.0  # u == 0 < p for any p > 0: with trn's zero level a flushed p = v / 1 would change the code
+    expected = alq_core.quantize(x, levels, config, noise=u)
+    assert float(expected.scales[0]) > 0
+    np.testing.assert_array_equal(alq_cupy.bucket_scales(x, config).get(), alq_core.bucket_scales(x, config))
+    assert_quantized_equal(alq_cupy.quantize(x, levels, config, noise=u), expected)
+    assert_payloads_equal(alq_cupy.quantize_encode(x, levels, config, noise=u), alq_core.encode(expected, levels))
+    got = alq_cupy.dequantize(alq_cupy.quantize(x, levels, config, noise=u), levels).get()
+    assert np.array_equal(got, alq_core.dequantize(expected, levels), equal_nan=True)
 
 
 @given(st.data())

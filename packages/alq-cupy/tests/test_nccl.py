@@ -35,7 +35,7 @@ OK, REASON = _two_gpus_with_nccl()
 def test_quantized_allreduce_on_two_gpus(tmp_path: Path, transport: str) -> None:
     env = dict(os.environ)
     if transport == "socket":
-        env.update(NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1")
+        env.update(NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1", NCCL_IB_DISABLE="1", NCCL_NET="Socket")
     script = Path(__file__).with_name("nccl_check.py")
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900, check=False

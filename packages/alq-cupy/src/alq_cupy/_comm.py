@@ -39,6 +39,7 @@ from ._quantize import _check_config, _flat32, decode_sum_async, level_table, qu
 
 ALGORITHMS = ("allgather", "reduce_scatter")
 _MASK = (1 << 64) - 1
+_MAX_LEVELS = 256  # codes are at most 8 bits
 
 
 def require_nccl() -> Any:
@@ -54,9 +55,46 @@ def require_nccl() -> Any:
     return nccl
 
 
-def nccl_unique_id() -> tuple[int, ...]:
-    """A fresh NCCL unique id (made on one rank, shipped to the others by any channel)."""
-    return tuple(require_nccl().get_unique_id())
+#: Size of an NCCL unique id (``NCCL_UNIQUE_ID_BYTES``).
+UNIQUE_ID_BYTES = 128
+
+
+def unique_id_bytes(unique_id: object) -> bytes:
+    """Normalize an NCCL unique id to its 128 bytes.
+
+    Accepts ``bytes`` (what ``cupy.cuda.nccl.get_unique_id`` returns in CuPy 14)
+    or a sequence of 128 integers (older CuPy: signed chars; unsigned bytes also fine).
+    """
+    if isinstance(unique_id, (bytes, bytearray, memoryview)):
+        raw = bytes(unique_id)
+    elif isinstance(unique_id, (list, tuple)) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and -128 <= int(v) <= 255 for v in unique_id
+    ):
+        raw = bytes(int(v) & 0xFF for v in unique_id)
+    else:
+        msg = (
+            f"`unique_id` must be the {UNIQUE_ID_BYTES} bytes from nccl_unique_id() (or a sequence of "
+            f"{UNIQUE_ID_BYTES} byte values); got {type(unique_id).__name__}"
+        )
+        raise TypeError(msg)
+    if len(raw) != UNIQUE_ID_BYTES:
+        msg = f"`unique_id` must hold {UNIQUE_ID_BYTES} bytes; got {len(raw)}: pass nccl_unique_id() made on one rank"
+        raise ValueError(msg)
+    return raw
+
+
+def nccl_unique_id() -> bytes:
+    """A fresh NCCL unique id, 128 bytes (made on one rank, shipped to the others by any channel)."""
+    return unique_id_bytes(require_nccl().get_unique_id())
+
+
+def _new_nccl_comm(nccl: Any, world_size: int, uid: bytes, rank: int) -> Any:
+    """``NcclCommunicator(ndev, commId, rank)``: commId is bytes in CuPy 14, a tuple of signed chars before."""
+    try:
+        return nccl.NcclCommunicator(world_size, uid, rank)
+    except TypeError:
+        signed = tuple(b - 256 if b > 127 else b for b in uid)
+        return nccl.NcclCommunicator(world_size, signed, rank)
 
 
 def derive_seed(seed: int, k: int) -> int:
@@ -102,8 +140,9 @@ class Communicator:
     world_size : int
     rank : int
         This process's rank in ``0 .. world_size - 1``.
-    unique_id : tuple of int
-        :func:`nccl_unique_id` made on one rank and shared (the same on every rank).
+    unique_id : bytes
+        :func:`nccl_unique_id` made on one rank and shared (the same on every rank);
+        a sequence of 128 byte values is accepted too.
     device : int, optional
         CUDA device to bind (made current); default: the current device.
 
@@ -114,7 +153,7 @@ class Communicator:
     non-finite fallback).
     """
 
-    def __init__(self, world_size: int, rank: int, unique_id: tuple[int, ...], *, device: int | None = None) -> None:
+    def __init__(self, world_size: int, rank: int, unique_id: object, *, device: int | None = None) -> None:
         cp = require_cupy()
         nccl = require_nccl()
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -123,13 +162,14 @@ class Communicator:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             msg = f"`rank` must be in 0..{world_size - 1}; got {rank!r}"
             raise ValueError(msg)
+        uid = unique_id_bytes(unique_id)
         if device is not None:
             cp.cuda.Device(device).use()
         self.device = int(cp.cuda.runtime.getDevice())
         self.world_size = world_size
         self.rank = rank
         self._nccl = nccl
-        self._comm = nccl.NcclCommunicator(world_size, tuple(unique_id), rank)
+        self._comm = _new_nccl_comm(nccl, world_size, uid, rank)
         #: Why the last quantized all-reduce fell back to the exact one (None: it did not).
         self.last_fallback: str | None = None
 
@@ -147,7 +187,7 @@ class Communicator:
         p = Path(path)
         if rank == 0:
             tmp = p.with_suffix(p.suffix + f".tmp{os.getpid()}")
-            tmp.write_text(",".join(str(v) for v in nccl_unique_id()))
+            tmp.write_text(nccl_unique_id().hex())
             tmp.replace(p)
         deadline = time.monotonic() + timeout
         while not p.exists():
@@ -155,8 +195,7 @@ class Communicator:
                 msg = f"rank {rank}: no NCCL unique id appeared at {p} within {timeout} s; is rank 0 running?"
                 raise TimeoutError(msg)
             time.sleep(0.01)
-        uid = tuple(int(v) for v in p.read_text().split(","))
-        return cls(world_size, rank, uid, device=device)
+        return cls(world_size, rank, bytes.fromhex(p.read_text().strip()), device=device)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -225,19 +264,30 @@ class Communicator:
         return res
 
     def broadcast_levels(self, levels: Any, table_version: int, *, root: int = 0) -> tuple[np.ndarray, int]:
-        """Send ``root``'s level table and version to every rank; returns them (float32 table, int)."""
+        """Send ``root``'s level table and version to every rank; returns them (float32 table, int).
+
+        Only ``root``'s ``levels`` and ``table_version`` are read (the others may pass
+        anything, e.g. their stale table); the message has a fixed size, so ranks
+        holding tables of different lengths cannot desynchronize NCCL.
+        """
         cp = require_cupy()
-        table = validate_levels(levels) if self.rank == root else np.asarray(levels, dtype=np.float32)
-        size = 8 + 4 * int(table.size)
+        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.world_size:
+            msg = f"`root` must be in 0..{self.world_size - 1}; got {root!r}"
+            raise ValueError(msg)
+        size = 16 + 4 * _MAX_LEVELS
         host = np.zeros(size, dtype=np.uint8)
         if self.rank == root:
-            host[:8] = np.frombuffer(np.uint64(table_version).tobytes(), dtype=np.uint8)
-            host[8:] = np.frombuffer(table.astype("<f4").tobytes(), dtype=np.uint8)
+            table = validate_levels(levels)
+            if table.size > _MAX_LEVELS:
+                msg = f"`levels` must hold at most {_MAX_LEVELS} levels; got {table.size}"
+                raise ValueError(msg)
+            host[:16] = np.array([int(table_version), table.size], dtype="<u8").view(np.uint8)
+            host[16 : 16 + 4 * table.size] = np.frombuffer(table.astype("<f4").tobytes(), dtype=np.uint8)
         buf = cp.asarray(host)
         self._comm.bcast(buf.data.ptr, size, self._nccl.NCCL_UINT8, root, self._stream())
         got = buf.get()
-        version = int(got[:8].view("<u8")[0])
-        return validate_levels(got[8:].view("<f4")), version
+        version, count = (int(v) for v in got[:16].view("<u8"))
+        return validate_levels(got[16 : 16 + 4 * count].view("<f4")), version
 
     def check_levels(self, levels: Any, table_version: int) -> None:
         """Raise ValueError unless every rank holds the same level table and version."""

@@ -1,7 +1,11 @@
 """CUDA C source of every alq-cupy kernel and their lazily compiled, cached handles.
 
-Nothing is compiled at import: :func:`module` builds a ``cupy.RawModule`` the
-first time a kernel is launched (CuPy caches the binary on disk and per device).
+Nothing is compiled at import: :func:`module` compiles :data:`SOURCE` with NVRTC
+the first time a kernel is launched on a device, loads it as a
+``cupy.cuda.function.Module`` for that device and keeps the binary in a small
+disk cache. It deliberately does not go through ``cupy.RawModule``/``RawKernel``:
+CuPy's cached compile path appends ``-ftz=true`` after the caller's options, which
+overrides ``--ftz=false`` and flushes float32 subnormals (a scale of 1e-42 became 0).
 
 Arithmetic contract (``alq_core._quantize``), and how the kernels keep it:
 
@@ -27,7 +31,10 @@ quantized and packed from there; larger buckets are read twice.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -402,7 +409,7 @@ extern "C" __global__ void alq_noise(float* __restrict__ out, const i64 m, const
 }
 """
 
-#: NVRTC flags that the bit-exactness contract depends on (never add --use_fast_math).
+#: NVRTC flags that the bit-exactness contract depends on (never add --use_fast_math, never -ftz=true).
 OPTIONS = ("--std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "--fmad=false")
 
 NAMES = (
@@ -420,28 +427,108 @@ NAMES = (
 SMEM_CAP = 100 * 1024
 _THREADS = 512
 _lock = threading.Lock()
-_module: Any = None
-_smem_set: dict[tuple[int, int], int] = {}
+_modules: dict[int, Any] = {}
+_functions: dict[tuple[int, str], Any] = {}
+_smem_set: dict[tuple[int, str], int] = {}
 _optin: dict[int, int] = {}
-_functions: dict[str, Any] = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ALQ_CUPY_CACHE_DIR") or os.environ.get("CUPY_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cupy" / "kernel_cache"
+
+
+def _cache_key(cp: Any) -> str:
+    parts = (
+        SOURCE,
+        repr(OPTIONS),
+        str(cp.cuda.Device().compute_capability),
+        repr(cp.cuda.nvrtc.getVersion()),
+        str(cp.__version__),
+        os.environ.get("CUPY_COMPILE_WITH_PTX", ""),
+    )
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def compile_binary() -> bytes:
+    """Compile :data:`SOURCE` for the current device with exactly :data:`OPTIONS` (cubin, or PTX).
+
+    Uses ``cupy.cuda.compiler.compile_using_nvrtc``, which adds only the target
+    architecture, unlike CuPy's cached path (it appends ``-ftz=true``).
+    """
+    require_cupy()
+    from cupy.cuda import compiler
+
+    res: Any = compiler.compile_using_nvrtc(SOURCE, OPTIONS)
+    if isinstance(res, tuple):  # (binary, name mapping) in CuPy >= 9
+        res = res[0]
+    if isinstance(res, str):
+        res = res.encode()
+    if not isinstance(res, bytes):  # pragma: no cover - unknown CuPy
+        msg = f"internal error: cupy.cuda.compiler.compile_using_nvrtc returned {type(res).__name__}, not bytes"
+        raise TypeError(msg)
+    return res
+
+
+def _cache_path(cp: Any) -> Path:
+    return _cache_dir() / f"alq_cupy_{_cache_key(cp)}.bin"
+
+
+def _store(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError:  # a read-only home is fine: compile again next process
+        pass
 
 
 def module() -> Any:
-    """The compiled ``cupy.RawModule`` (compiled on first use, then cached)."""
-    global _module
+    """The kernels as a ``cupy.cuda.function.Module`` loaded on the current device (compiled once, cached).
+
+    The binary is read from the disk cache when present; a cached binary that
+    fails to load is replaced by a fresh compile.
+    """
     cp = require_cupy()
+    dev = int(cp.cuda.runtime.getDevice())
     with _lock:
-        if _module is None:
-            _module = cp.RawModule(code=SOURCE, options=OPTIONS)
-        return _module
+        mod = _modules.get(dev)
+        if mod is None:
+            from cupy.cuda import function
+
+            path = _cache_path(cp)
+            try:
+                cached: bytes | None = path.read_bytes() or None
+            except OSError:
+                cached = None
+            mod = function.Module()
+            if cached is not None:
+                try:
+                    mod.load(cached)
+                except Exception:  # corrupt or foreign cache entry
+                    cached = None
+                    mod = function.Module()
+            if cached is None:
+                binary = compile_binary()
+                mod.load(binary)
+                _store(path, binary)
+            _modules[dev] = mod
+        return mod
 
 
 def kernel(name: str) -> Any:
-    """One kernel of :data:`SOURCE` by name (a ``cupy.RawKernel``, cached)."""
-    k = _functions.get(name)
+    """One kernel of :data:`SOURCE` on the current device (a ``cupy.cuda.function.Function``, cached).
+
+    Launch it as ``kernel(name)(grid, block, args, shared_mem)`` with ``grid`` and
+    ``block`` tuples and ``args`` a tuple of kernel arguments.
+    """
+    cp = require_cupy()
+    key = (int(cp.cuda.runtime.getDevice()), name)
+    k = _functions.get(key)
     if k is None:
         k = module().get_function(name)
-        _functions[name] = k
+        _functions[key] = k
     return k
 
 
@@ -450,9 +537,10 @@ def ptr(a: Any) -> np.uint64:
     return np.uint64(0 if a is None else int(a.data.ptr))
 
 
-def _grid(work: int, threads: int = 256) -> tuple[int, int]:
+def _grid(work: int, threads: int = 256) -> tuple[tuple[int], tuple[int]]:
+    """(grid, block) tuples for a grid-stride kernel over ``work`` items."""
     blocks = max(1, min(-(-work // threads), 65535 * 8))
-    return blocks, threads
+    return (blocks,), (threads,)
 
 
 def _optin_limit(cp: Any) -> int:
@@ -511,10 +599,10 @@ def launch_quantize(
     k = kernel("alq_quantize")
     smem = smem_bytes_for(d)
     if smem > 48 * 1024:
-        dev = int(cp.cuda.runtime.getDevice())
-        key = (dev, id(k))
+        key = (int(cp.cuda.runtime.getDevice()), "alq_quantize")
         if _smem_set.get(key, 0) < smem:
-            k.max_dynamic_shared_size_bytes = smem
+            drv = cp.cuda.driver
+            drv.funcSetAttribute(k.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             _smem_set[key] = smem
     key_val = seed_key(seed) if seed is not None else 0
     args = (
@@ -569,13 +657,13 @@ def launch_pack(codes: Any, bits: int, out: Any) -> None:
     """Pack uint8 ``codes`` (contiguous) into ``out`` (``packed_size(m, bits)`` bytes)."""
     m = int(codes.size)
     if m:
-        kernel("alq_pack")(_grid(-(-m // 8)), (ptr(codes), np.int64(m), np.int32(bits), ptr(out)))
+        kernel("alq_pack")(*_grid(-(-m // 8)), (ptr(codes), np.int64(m), np.int32(bits), ptr(out)))
 
 
 def launch_unpack(packed: Any, bits: int, m: int, out: Any) -> None:
     """Unpack ``m`` codes from ``packed`` into uint8 ``out``."""
     if m:
-        kernel("alq_unpack")(_grid(-(-m // 8)), (ptr(packed), np.int64(m), np.int32(bits), ptr(out)))
+        kernel("alq_unpack")(*_grid(-(-m // 8)), (ptr(packed), np.int64(m), np.int32(bits), ptr(out)))
 
 
 def launch_dequantize(codes: Any, scales: Any, d: int, levels_dev: Any, num_levels: int, out: Any) -> None:
@@ -583,7 +671,7 @@ def launch_dequantize(codes: Any, scales: Any, d: int, levels_dev: Any, num_leve
     m = int(codes.size)
     if m:
         kernel("alq_dequantize")(
-            _grid(m),
+            *_grid(m),
             (ptr(codes), ptr(scales), np.int64(m), np.int64(d), ptr(levels_dev), np.int32(num_levels), ptr(out)),
         )
 
@@ -608,7 +696,7 @@ def launch_decode_sum(
     if total == 0:
         return
     kernel("alq_decode_sum")(
-        _grid(total),
+        *_grid(total),
         (
             ptr(payloads),
             np.int64(stride),
@@ -635,5 +723,5 @@ def launch_noise(m: int, seed: int, start: int = 0) -> Any:
     cp = require_cupy()
     out = cp.empty(m, dtype=cp.float32)
     if m:
-        kernel("alq_noise")(_grid(m), (ptr(out), np.int64(m), np.uint64(seed_key(seed)), np.int64(start)))
+        kernel("alq_noise")(*_grid(m), (ptr(out), np.int64(m), np.uint64(seed_key(seed)), np.int64(start)))
     return out

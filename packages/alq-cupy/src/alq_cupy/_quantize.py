@@ -275,7 +275,7 @@ def quantize(
 
 
 def _clip(config: QuantizerConfig) -> float | None:
-    return None if config.clip is None else float(config.clip)  # type: ignore[arg-type]
+    return None if config.clip is None else float(config.clip)
 
 
 def dequantize(q: QuantizedTensor, levels: Any) -> Any:
