@@ -74,7 +74,10 @@ def test_values_are_scale_times_a_bracketing_level(data):
     np.testing.assert_array_equal(y[m:], x[m:])
     if config.clip is None:
         ok = s > 0
-        v = np.clip(x[:m][ok] / s[ok], -1, 1)
+        # the contract's v: x times the float32 reciprocal of the scale (not x / s)
+        with np.errstate(over="ignore"):
+            r = np.float32(1) / s[ok]
+        v = np.clip(x[:m][ok] * np.where(np.isfinite(r), r, np.float32(0)), -1, 1)
         lo = levels[np.clip(np.searchsorted(levels, v, side="right") - 1, 0, levels.size - 2)]
         c = q.codes[ok].astype(np.int64)
         assert np.all((levels[c] == lo) | (levels[np.maximum(c - 1, 0)] == lo))
@@ -90,6 +93,34 @@ def test_codes_are_invariant_to_power_of_two_scaling(data, exponent):
     b = quantize(x * np.float32(2.0**exponent), levels, config, noise=u)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(b.scales, a.scales * np.float32(2.0**exponent))
+
+
+def test_reciprocal_multiplication_is_the_contract():
+    # v = 0.1 * float32(1 / 0.3) is one ulp above 0.1 / 0.3; a level placed exactly at the product
+    # gives code 2 (j = 2, p = 0); the quotient would give j = 1, p = 0.99999994 and code 1 for u below 1.
+    s = np.float32(0.3)
+    v = np.float32(0.1) * (np.float32(1) / s)
+    assert v != np.float32(0.1) / s
+    levels = np.array([-1.0, -0.5, v, 1.0], dtype=np.float32)
+    config = QuantizerConfig("qsgd", bits=2, bucket_size=2, norm="linf")
+    x = np.array([0.1, 0.3], dtype=np.float32)
+    u = np.array([np.nextafter(np.float32(1), np.float32(0)), 0.0], dtype=np.float32)
+    q = quantize(x, levels, config, noise=u)
+    assert q.scales[0] == s
+    assert q.codes.tolist() == [2, 3]
+    codes, _, _ = reference_quantize(x, levels, config, u)
+    assert codes.tolist() == [2, 3]
+
+
+def test_tiny_scale_reciprocal_overflow_gives_zero_v():
+    config = QuantizerConfig("qsgd", bits=2, bucket_size=2, norm="linf")
+    levels = np.array([-1.0, -0.5, 0.5, 1.0], dtype=np.float32)
+    x = np.array([1e-45, 0.0], dtype=np.float32)  # scale 1e-45: 1 / s overflows float32
+    u = np.full(2, 0.5, np.float32)
+    q = quantize(x, levels, config, noise=u)
+    assert q.scales[0] == np.float32(1e-45)
+    codes, _, _ = reference_quantize(x, levels, config, u)
+    assert q.codes.tolist() == codes.tolist() == [1, 1]  # v = 0: between -0.5 and 0.5, p = 0.5, u = 0.5
 
 
 def test_zero_buckets_decode_to_zero():

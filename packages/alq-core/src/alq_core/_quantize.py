@@ -8,12 +8,23 @@ The arithmetic here is the contract every backend reproduces bit for bit:
 * clipping (optional): ``t = float32(clip * std64(x))`` with the population std
   computed in float64, ``x = min(max(x, -t), t)``, then the scale of the clipped
   bucket;
-* ``v = x / s`` in float32 (correctly rounded division); ``v = 0`` where
-  ``s == 0``; ``v`` clamped to ``[-1, 1]``;
+* per bucket, the reciprocal ``r = float32(1 / s)`` (one correctly rounded
+  float32 division per bucket), replaced by ``r = 0`` where it is not finite
+  (``s == 0``, or ``s`` so small that ``1 / s`` overflows float32);
+* ``v = float32(x * r)`` (one rounding, no fused multiply-add), clamped to
+  ``[-1, 1]`` (so ``v = 0`` in a zero bucket);
 * ``j`` = number of interior levels ``levels[1:-1] <= v``;
-* ``p = (v - levels[j]) / (levels[j+1] - levels[j])`` in float32;
+* per table, ``inv_gap[j] = float32(1 / float32(levels[j+1] - levels[j]))``
+  (float32 subtraction, then one correctly rounded float32 division);
+* ``p = float32(float32(v - levels[j]) * inv_gap[j])`` (two roundings, no fused
+  multiply-add);
 * ``code = j + 1`` if ``u < p`` else ``j``, with ``u`` the float32 noise in [0, 1);
+* a non-finite bucket (NaN or Inf scale) gets code 0 everywhere;
 * dequantized value ``s * levels[code]`` in float32.
+
+Only two divisions per bucket and ``L - 1`` per table remain: per coordinate
+the arithmetic is multiplications, subtractions and comparisons, so every
+backend (NumPy, torch, Triton, CUDA) reproduces it bit for bit cheaply.
 """
 
 from __future__ import annotations
@@ -114,11 +125,36 @@ def _clip_rows(rows: NDArray[np.float32], clip: float) -> NDArray[np.float32]:
     return np.asarray(np.minimum(np.maximum(rows, -t), t), dtype=np.float32)
 
 
+def reciprocal_scales(s: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``float32(1 / s)`` per bucket, 0 where that is not finite (zero, tiny or non-finite ``s``).
+
+    Parameters
+    ----------
+    s : ndarray of float32, shape (k,)
+
+    Returns
+    -------
+    ndarray of float32, shape (k,)
+    """
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        r = np.asarray(np.float32(1) / np.asarray(s, dtype=np.float32), dtype=np.float32)
+    r[~np.isfinite(r)] = np.float32(0)
+    return r
+
+
+def inverse_gaps(levels: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``float32(1 / float32(levels[j+1] - levels[j]))`` for ``j`` in ``0 .. L-2``; float32 ``(L-1,)``."""
+    gaps = np.diff(np.asarray(levels, dtype=np.float32))
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.asarray(np.float32(1) / gaps, dtype=np.float32)
+
+
 def _round_block(
-    v: NDArray[np.float32], u: NDArray[np.float32], levels: NDArray[np.float32], gaps: NDArray[np.float32]
+    v: NDArray[np.float32], u: NDArray[np.float32], levels: NDArray[np.float32], inv_gaps: NDArray[np.float32]
 ) -> NDArray[np.uint8]:
     j = np.searchsorted(levels[1:-1], v, side="right")
-    p = (v - levels[j]) / gaps[j]
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = (v - levels[j]) * inv_gaps[j]
     return (j + (u < p)).astype(np.uint8)
 
 
@@ -201,7 +237,7 @@ def quantize(
             )
             raise ValueError(msg)
     codes = np.empty(m, dtype=np.uint8)
-    gaps = np.diff(table)
+    inv_gaps = inverse_gaps(table)
     d = config.bucket_size
     per = max(1, _BLOCK // d)
     for b0 in range(0, scales.size, per):
@@ -214,12 +250,11 @@ def quantize(
             s = bucket_scales(seg, config)
             scales[b0:b1] = s
         bad_el = np.repeat(bad[b0:b1], d)[: seg.size]
-        s_el = np.repeat(s, d)[: seg.size]
-        ok = ~bad_el & (s_el != 0)
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            v = np.where(ok, seg / np.where(ok, s_el, np.float32(1)), np.float32(0))
+        r_el = np.repeat(reciprocal_scales(s), d)[: seg.size]
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = seg * r_el
         np.clip(v, table[0], table[-1], out=v)
-        codes[lo:hi] = _round_block(v, u[lo:hi], table, gaps)
+        codes[lo:hi] = _round_block(v, u[lo:hi], table, inv_gaps)
         codes[lo:hi][bad_el] = 0
     scales[bad] = np.float32(np.nan)
     tail = flat[m:].copy()

@@ -2,9 +2,10 @@
 
 The arithmetic is the core's contract (``alq_core._quantize``): float32 input,
 L2 scale ``float32(sqrt(sum(float64(x)**2)))`` or L-inf scale ``max|x|``,
-optional clipping at ``float32(clip * std64)``, ``v = x / s`` correctly rounded,
-``j`` = number of interior levels ``<= v``, ``p = (v - l_j) / (l_{j+1} - l_j)``,
-``code = j + (u < p)``. The functions here are vectorized torch ops and run on
+optional clipping at ``float32(clip * std64)``, per bucket ``r = float32(1 / s)``
+(0 where not finite), ``v = clamp(x * r, -1, 1)``, ``j`` = number of interior
+levels ``<= v``, ``p = (v - l_j) * inv_gap_j`` with ``inv_gap_j = float32(1 /
+(l_{j+1} - l_j))``, ``code = j + (u < p)``. The functions here are vectorized torch ops and run on
 any device; on CUDA the fused paths of :mod:`alq_torch._wire` use Triton
 kernels (:mod:`alq_torch._kernels`) with the same arithmetic.
 """
@@ -151,6 +152,17 @@ def bucket_scales(body: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
     return torch.cat([_scale_rows(r, config.norm) for r in rows])
 
 
+def reciprocal_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``float32(1 / s)`` per bucket, 0 where not finite (the core's :func:`alq_core._quantize.reciprocal_scales`)."""
+    r = torch.reciprocal(scales)
+    return torch.where(torch.isfinite(r), r, torch.zeros_like(r))
+
+
+def inverse_gaps(levels: torch.Tensor) -> torch.Tensor:
+    """``float32(1 / float32(levels[j+1] - levels[j]))``; float32 ``(L-1,)``."""
+    return torch.reciprocal(levels[1:] - levels[:-1])
+
+
 def _nonfinite_message(bad: torch.Tensor, m: int, d: int) -> str:
     idx = torch.nonzero(bad).reshape(-1)
     first = int(idx[0].item())
@@ -193,19 +205,16 @@ def quantize_flat(
     counts = torch.full((nb,), d, dtype=torch.int64, device=flat.device)
     if nb and m % d and config.tail == "quantize":
         counts[-1] = m % d
-    s_el = torch.repeat_interleave(scales, counts, output_size=m) if nb else scales
+    recip = reciprocal_scales(scales)
+    r_el = torch.repeat_interleave(recip, counts, output_size=m) if nb else recip
     bad_el = torch.repeat_interleave(bad, counts, output_size=m) if nb else bad
-    ok = ~bad_el & (s_el != 0)
-    one = torch.ones((), dtype=torch.float32, device=flat.device)
-    v = torch.where(ok, body / torch.where(ok, s_el, one), torch.zeros_like(body))
-    v = v.clamp_(levels[0], levels[-1])
+    v = (body * r_el).clamp_(levels[0], levels[-1])
     interior = levels[1:-1].contiguous()
     if interior.numel():
         j = torch.searchsorted(interior, v, right=True)
     else:
         j = torch.zeros(m, dtype=torch.int64, device=flat.device)
-    gaps = levels[1:] - levels[:-1]
-    p = (v - levels[j]) / gaps[j]
+    p = (v - levels[j]) * inverse_gaps(levels)[j]
     codes = (j + (u < p)).to(torch.uint8)
     codes = codes.masked_fill_(bad_el, 0)
     scales = scales.masked_fill(bad, float("nan"))

@@ -50,13 +50,20 @@ def reference_quantize(
             codes.extend([0] * len(bucket))
             continue
         scales.append(_f32(s))
+        with np.errstate(over="ignore"):  # float64 results rounded to float32 are correctly rounded
+            r = _f32(1.0 / float(s)) if s != 0 else np.float32(0.0)
+        if not math.isfinite(float(r)):
+            r = np.float32(0.0)
         for k, b in enumerate(bucket):
-            v = np.float32(b / s) if s != 0 else np.float32(0.0)
+            v = _f32(float(b) * float(r))  # the float64 product of two float32 is exact: one rounding
             v = min(max(v, table[0]), table[-1])
             j = 0
             while j + 2 < len(table) and table[j + 1] <= v:
                 j += 1
-            p = np.float32((v - table[j]) / np.float32(table[j + 1] - table[j]))
+            gap = _f32(float(table[j + 1]) - float(table[j]))
+            with np.errstate(over="ignore"):
+                inv_gap = _f32(1.0 / float(gap))
+            p = _f32(float(_f32(float(v) - float(table[j]))) * float(inv_gap))
             codes.append(j + 1 if u[start + k] < p else j)
     return (
         np.array(codes, dtype=np.uint8),
