@@ -32,7 +32,10 @@ ALL_METHODS = tuple(alq_core.METHODS)
 DEFAULTS: dict[str, Any] = {
     "methods": "all",
     "bits": 3,
-    "bucket_size": 8192,
+    # Small buckets for this small model: at 8192 the 26K-parameter MLP has 3 full buckets and a
+    # tail holding the output layer, which the statistics skip (SPEC 5), and the truncated-normal
+    # model misfits heavy tails. The paper's 8192 is in --preset paper-cifar10-resnet32.
+    "bucket_size": 128,
     "workers": 16,
     "seeds": "0,1,2",
     "steps": 300,
@@ -94,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Train with several gradient quantization methods side by side (K simulated workers on one "
             "device, or real DDP under torchrun) and report validation accuracy, normalized quantization "
             "variance, bits on the wire and the time spent quantizing and updating levels, like Table 1 "
-            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, bucket 8192, K=16 workers, "
+            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, bucket 128, K=16 workers, "
             "an MLP on the built-in handwritten digits, 3 seeds (a few minutes on a 2-core CPU)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.HelpFormatter,
     )
     d = DEFAULTS
     g = p.add_argument_group("methods and quantizer")
