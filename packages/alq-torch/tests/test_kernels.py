@@ -229,6 +229,97 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     assert kernels["quantize_pack"] == 0
 
 
+@pytest.mark.parametrize(
+    ("mode", "block"), [("single", 0), ("split", 32), ("split", 2048)]
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantizerConfig("alq", bits=3, bucket_size=64),
+        QuantizerConfig("nuqsgd", bits=4, bucket_size=200, tail="full"),
+        QuantizerConfig("qsgdinf", bits=2, bucket_size=128),
+        QuantizerConfig("qsgd", bits=6, bucket_size=256),
+        QuantizerConfig("qsgd", bits=8, bucket_size=96),
+    ],
+)
+def test_launch_modes_match_core(
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, mode: str, block: int, config: QuantizerConfig
+) -> None:
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "qpack_mode", mode)
+    if block:
+        monkeypatch.setitem(_kernels.TUNING, "quant_block", block)
+        monkeypatch.setitem(_kernels.TUNING, "scale_block", 64)  # several chunks per bucket
+    x = _x(7 * config.bucket_size + 45, seed=config.bits)
+    x[3] = float("nan")  # a non-finite first bucket
+    x[config.bucket_size : 2 * config.bucket_size] = 0.0  # a zero bucket
+    cfg = QuantizerConfig(
+        config.method, bits=config.bits, bucket_size=config.bucket_size, tail=config.tail, norm=config.norm,
+        nonfinite="propagate",
+    )
+    _check(x, cfg)
+    a = quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5)
+    assert torch.equal(a, quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5))
+    assert kernels["quantize_pack"] == 3
+
+
+def test_split_mode_device_noise_stays_in_bracket(kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "qpack_mode", "split")
+    monkeypatch.setitem(_kernels.TUNING, "quant_block", 256)
+    config = QuantizerConfig("alq", bits=3, bucket_size=512)
+    levels = default_levels(config)
+    n = 4096
+    x = _x(n, seed=3)
+    codes = alq_core.decode(quantize_encode(x.to(DEVICE), levels, config, seed=77).cpu().numpy()).codes
+    host = x.numpy()
+    down = alq_core.quantize(host, levels, config, noise=np.full(n, np.nextafter(np.float32(1), np.float32(0)))).codes
+    up = alq_core.quantize(host, levels, config, noise=np.zeros(n, np.float32)).codes
+    assert np.all((codes == down) | (codes == up))
+    frac = float(np.mean(codes[up != down] != down[up != down]))
+    assert 0.3 < frac < 0.7, f"fraction rounded up {frac}"
+
+
+@pytest.mark.parametrize(("w", "block"), [(3, 64), (20, 2048), (20, 64)])
+def test_decode_sum_scalar_scale_and_runtime_loop(
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, w: int, block: int
+) -> None:
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "decode_block", block)
+    config = QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="propagate")
+    levels = default_levels(config)
+    n = 1000
+    payloads = torch.stack([quantize_encode(_x(n, seed=i) * (i + 1), levels, config, seed=i) for i in range(w)])
+    acc = None
+    for p in payloads:
+        part = alq_core.dequantize(alq_core.decode(p.numpy()), levels)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    got = decode_sum(payloads.to(DEVICE), levels, config, n, scale=1 / w)
+    np.testing.assert_array_equal(got.cpu().numpy(), acc * np.float32(1 / w))
+    # rows starting at odd byte offsets (a view into a bigger buffer)
+    buf = torch.zeros((w, payloads.shape[1] + 3), dtype=torch.uint8)
+    buf[:, 1 : 1 + payloads.shape[1]] = payloads
+    got2 = decode_sum(buf[:, 1 : 1 + payloads.shape[1]].to(DEVICE), levels, config, n, scale=1 / w)
+    assert torch.equal(got2, got)
+    assert kernels["decode_sum"] == 2
+
+
+def test_decode_sum_check_headers_false_skips_the_host_check(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=64)
+    levels = default_levels(config)
+    p = torch.stack([quantize_encode(_x(300, seed=i), levels, config, table_version=4, seed=i) for i in range(2)])
+    with pytest.raises(alq_core.PayloadError, match="version mismatch"):
+        decode_sum(p.to(DEVICE), levels, config, 300, table_version=5)
+    trusted = decode_sum(p.to(DEVICE), levels, config, 300, table_version=5, check_headers=False)
+    assert torch.equal(trusted, decode_sum(p.to(DEVICE), levels, config, 300, table_version=4))
+    with pytest.raises(alq_core.PayloadError, match=r"payloads truncated: .* n = 400 elements need"):
+        decode_sum(p.to(DEVICE), levels, config, 400, check_headers=False)
+
+
 @needs_cuda
 def test_cuda_large_matches_core() -> None:
     config = QuantizerConfig("alq", bits=3, bucket_size=8192)
@@ -254,28 +345,44 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from alq_torch import _kernels
+
+
+def build(fn, sig, consts, warps):
+    sig = dict(sig)
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
+
+
 rows, q, warps = _kernels._qpack_params(8192)
 consts = {"D": 8192, "Q": q, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": False,
           "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS}
-sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "head_ptr": "*u8", "out_ptr": "*u8", "m": "i32",
-       "nb": "i32", "ngroups": "i32", "seed": "i64", "clip_bits": "i64", "codes_off": "i32"}
-sig.update({k: "constexpr" for k in consts})
+sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "head_ptr": "*u8", "out_ptr": "*u8",
+       "m": "i32", "nb": "i32", "ngroups": "i32", "seed": "i64", "clip_bits": "i64", "codes_off": "i32"}
 try:
-    src = ASTSource(fn=_kernels._qpack_kernel, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
+    k = build(_kernels._qpack_kernel, sig, consts, warps)
 except Exception as exc:
     print("SKIP", type(exc).__name__, exc)
     raise SystemExit(0)
 ptx = k.asm["ptx"]
-assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx, "inexact division"
+assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx, "inexact reciprocal"
 assert "fma.rn.f32" not in ptx, "fused multiply-add"
 assert "sqrt.rn.f64" in ptx, "float64 square root not correctly rounded"
-dconsts = {"W": 4, "D": 8192, "BITS": 3, "BP": 4, "BLOCK": 4096, "HAS_SCALE": True}
-dsig = {"p_ptr": "*u8", "stride_w": "i64", "sc_ptr": "*fp32", "lut_ptr": "*fp32", "out_ptr": "*fp32", "m": "i32",
-        "ngroups": "i32", "nb": "i32", "codes_off": "i32", "scale": "fp32"}
-dsig.update({k: "constexpr" for k in dconsts})
-dsrc = ASTSource(fn=_kernels._decode_sum_kernel, signature=dsig, constexprs=dconsts)
-dk = triton.compile(dsrc, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
+assert "ld.global.nc.v2.b32" in ptx, "level pair gather"
+qsig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "r_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*u8",
+        "m": "i32", "ngroups": "i32", "nblocks": "i32", "seed": "i64", "codes_off": "i32"}
+qk = build(_kernels._quant_kernel, qsig, {"D": 8192, "BLOCK": 2048, "BITS": 3, "L": 8, "NOISE": False,
+                                          "ROUNDS": _kernels.PHILOX_ROUNDS, "REVERSE": True, "LIB": True}, 4)
+qptx = qk.asm["ptx"]
+assert "fma.rn.f32" not in qptx and "div." not in qptx.replace("div.rn.f64", ""), "per-element division or FMA"
+fsig = {"part_ptr": "*fp64", "head_ptr": "*u8", "out_ptr": "*u8", "r_ptr": "*fp32", "nb": "i32"}
+fk = build(_kernels._scale_finalize_kernel, fsig, {"C": 2, "CP": 2, "FB": 128, "LINF": False, "LIB": True}, 4)
+assert "div.rn.f32" in fk.asm["ptx"] and "sqrt.rn.f64" in fk.asm["ptx"], "inexact reciprocal or square root"
+dconsts = {"D": 8192, "BITS": 3, "BLOCK": 2048, "UNROLL": 4, "HAS_SCALE": True}
+dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "out_ptr": "*fp32", "m": "i32", "ngroups": "i32",
+        "codes_off": "i32", "scale": "fp32", "n_w": "i32"}
+dk = build(_kernels._decode_sum_kernel, dsig, dconsts, 4)
 assert "fma.rn.f32" not in dk.asm["ptx"], "decode_sum fuses acc + s * l"
 print("OK")
 """

@@ -1,22 +1,47 @@
 # mypy: disable-error-code="no-untyped-def,untyped-decorator,no-any-return"
 # (Triton JIT functions take and return untyped tensors by design.)
-"""Fused Triton kernels: quantize + pack in one pass, and decode + sum of W payloads.
+"""Fused Triton kernels: quantize + pack, and decode + sum of W payloads.
 
 Imported lazily (never at ``import alq_torch``): defining the kernels imports
 Triton but compiles nothing; compilation happens at the first launch.
 
-``quantize_pack`` runs one program per bucket (several per program for small
-buckets): the bucket is read once into registers, its scale (and clipping
-threshold) reduced in float64, then every coordinate is rounded and the codes
-are packed into whole bytes (each 8 codes -> ``bits`` bytes), so the only HBM
-traffic is reading ``x`` and writing the payload. The bucket is processed as
-four contiguous quarters so that one counter-based Philox call (``randint4x``)
-feeds four coordinates. Arithmetic is the core's contract: correctly rounded
-float32 division (``div_rn``), float64 square root and division through
-libdevice, no fused multiply-add (``enable_fp_fusion=False``).
+Arithmetic is the core's contract (``alq_core._quantize``): per bucket the
+scale ``s`` (float64 sum of squares, correctly rounded float64 square root) and
+its reciprocal ``r = float32(1 / s)`` (``div_rn``, 0 where not finite); per
+coordinate only ``v = x * r``, a clamp, comparisons with the interior levels,
+``p = (v - l_j) * inv_gap_j`` and ``u < p``. Compiled with
+``enable_fp_fusion=False`` so no multiply-add is contracted.
 
-``decode_sum`` reads the codes and scales of all W payloads for a block of
-coordinates and writes their (scaled) float32 sum once.
+quantize + pack has two launch modes (``TUNING["qpack_mode"]``):
+
+``"split"`` (configurations without clipping)
+    1. ``_scale_partial_kernel``: many small programs, each reduces one chunk of
+       one bucket to a float64 partial (sum of squares, or max ``|x|``);
+    2. ``_scale_finalize_kernel``: per bucket, sums its partials in a fixed
+       order, writes the scale bytes and the header into the payload and
+       ``r`` (NaN for a non-finite bucket) into a small device buffer;
+    3. ``_quant_kernel``: a wide grid of small element blocks (walked in reverse
+       so the first blocks hit what the scale pass left in L2) rounds with
+       ``r`` and packs 8 codes into ``bits`` bytes.
+    ``x`` is read twice, but every program is short, light on registers and
+    many run per SM, so the loads stay in flight.
+
+``"single"`` (default; always used with clipping)
+    one program per bucket (several small buckets per program): the bucket is
+    read once into registers, reduced, clipped if asked, rounded and packed.
+
+Device noise: Philox4x32 (``tl.randint4x``, ``PHILOX_ROUNDS`` rounds) on one
+counter per 4 coordinates, all 4 outputs used (a block is processed as 4
+contiguous quarters; output ``k`` feeds quarter ``k``). A 32-bit output ``w``
+becomes ``u = bitcast((w >> 9) | 0x3F800000) - 1``: uniform on the multiples
+of ``2**-23`` in [0, 1), without an integer-to-float conversion. The noise
+depends on the seed, the element index, the launch mode and block size: it is
+deterministic for a seed and a tuning, and never compared to the core.
+
+``decode_sum`` reads, for a block of 8-code groups, the packed bytes and the
+scale of every payload (the scale straight from the payload bytes: no copy),
+looks the level up and accumulates ``acc + s * l`` in float32, and writes the
+(scaled) sum once.
 
 Both kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
 """
@@ -35,18 +60,27 @@ from triton.language.extra import libdevice
 from ._tables import LevelTable
 
 HEADER_BYTES = 40
-#: Largest bucket (rounded up to a power of two) held in one program's registers.
+#: Largest bucket (rounded up to a power of two) held in one program's registers ("single" mode).
 MAX_FUSED_BUCKET = 16384
 #: Philox rounds of the device noise (Philox4x32-7 passes BigCrush; 10 is Random123's default).
 PHILOX_ROUNDS = 7
 
-#: Launch parameters; benchmarks may override them (keys: see :func:`_qpack_params`).
-TUNING: dict[str, int] = {
+#: Launch parameters; benchmarks may override them.
+TUNING: dict[str, Any] = {
+    "qpack_mode": "single",  # "single" (one program per bucket) or "split" (scale pass + wide quantize pass)
+    # "single" mode
     "qpack_elems": 4096,  # minimum elements per program (several small buckets per program)
     "qpack_warps_8k": 8,  # num_warps for buckets of <= 8192 elements per program
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
-    "decode_block": 4096,
-    "decode_warps": 8,
+    # "split" mode
+    "scale_block": 4096,  # elements per program of the scale pass (power of two)
+    "scale_warps": 8,
+    "quant_block": 2048,  # elements per program of the quantize pass (power of two, >= 32)
+    "quant_warps": 4,
+    "quant_reverse": 1,  # walk the quantize pass backwards (L2 reuse of the scale pass's last reads)
+    # decode_sum
+    "decode_block": 2048,  # elements per program (power of two, >= 8)
+    "decode_warps": 4,
 }
 
 
@@ -71,6 +105,8 @@ def decode_supported(config: QuantizerConfig) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # quantize + pack
+
+HEADER: tl.constexpr = tl.constexpr(HEADER_BYTES)
 
 
 @triton.jit
@@ -140,34 +176,75 @@ def _clip_quarter(x, mask, t):
 
 
 @triton.jit
-def _round_quarter(x, mask, good, ok, s_safe, u, lv_ptr, L: tl.constexpr, BITS: tl.constexpr):
-    v = tl.math.div_rn(x, s_safe[:, None])
-    v = tl.where(ok[:, None], v, 0.0)
-    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
-    if L <= 16:
-        # one ascending pass, one predicate per level: the last level <= v sets j, lo and hi
+def _uniform(w):
+    """23 random bits of a uint32 as a float32 in [0, 1): exponent of 1.0 ORed in, minus 1 (exact)."""
+    return ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+
+
+@triton.jit
+def _reciprocal(s):
+    """``float32(1 / s)`` correctly rounded, 0 where not finite; NaN where ``s`` is not finite (bad bucket)."""
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    r = tl.where(r < float("inf"), r, 0.0)
+    return tl.where(s < float("inf"), r, float("nan"))
+
+
+@triton.jit
+def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
+    """Codes of clamped ``v`` with noise ``u``: ``j + (u < (v - l_j) * inv_gap_j)``."""
+    if L <= 16 and LIB:
+        # j = number of interior levels <= v (scalar levels), then one 8-byte gather of (l_j, inv_gap_j)
+        # from the tiny L1-resident table; the gather is inline PTX so that it keeps the tensor's layout
+        # (a tl.load gather gets a layout of its own and a shared-memory conversion)
         j = tl.zeros(v.shape, tl.int32)
-        lo = tl.full(v.shape, -1.0, tl.float32)
-        hi = tl.zeros(v.shape, tl.float32) + tl.load(lv_ptr + 1)
         for k in tl.static_range(1, L - 1):
-            lk = tl.load(lv_ptr + k)
-            lk1 = tl.load(lv_ptr + k + 1)
-            ge = v >= lk
+            j += (v >= tl.load(lv_ptr + k)).to(tl.int32)
+        lo_b, g_b = tl.inline_asm_elementwise(
+            "ld.global.nc.v2.b32 {$0, $1}, [$2];",
+            "=r,=r,l",
+            [pair_ptr + j],
+            dtype=(tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+        p = (v - lo_b.to(tl.float32, bitcast=True)) * g_b.to(tl.float32, bitcast=True)
+        return j + (u < p).to(tl.int32)
+    if L <= 16:
+        # one ascending pass, one predicate per interior level (scalars): the last level <= v sets
+        # j, l_j and inv_gap_j (selects in registers: no gather, no layout change)
+        p0 = tl.load(pair_ptr)
+        j = tl.zeros(v.shape, tl.int32)
+        lo = tl.zeros(v.shape, tl.float32) + (p0 & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        g = tl.zeros(v.shape, tl.float32) + (p0 >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        for k in tl.static_range(1, L - 1):
+            pk = tl.load(pair_ptr + k)
+            ge = v >= (pk & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
             j = tl.where(ge, k, j)
-            lo = tl.where(ge, lk, lo)
-            hi = tl.where(ge, lk1, hi)
+            lo = tl.where(ge, (pk & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), lo)
+            g = tl.where(ge, (pk >> 32).to(tl.int32).to(tl.float32, bitcast=True), g)
+        p = (v - lo) * g
+        return j + (u < p).to(tl.int32)
     else:
-        # branchless binary search over levels[0 .. L-2] (L is a power of two here)
+        # branchless binary search over the NaN-padded table (NaN compares false)
         pos = tl.zeros(v.shape, tl.int32)
         for i in tl.static_range(BITS):
-            cand = pos + (L >> (i + 1))
+            cand = pos + ((1 << BITS) >> (i + 1))
             t = tl.load(lv_ptr + cand - 1)
             pos = tl.where(t <= v, cand, pos)
-        j = pos - 1
-        lo = tl.load(lv_ptr + j)
-        hi = tl.load(lv_ptr + j + 1)
-    p = tl.math.div_rn(v - lo, hi - lo)
-    code = j + (u < p).to(tl.int32)
+        j = tl.minimum(pos - 1, L - 2)
+    # one 8-byte gather (tiny table, L1-resident) gives l_j (low half) and inv_gap_j (high half)
+    pair = tl.load(pair_ptr + j)
+    lo = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    g = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    p = (v - lo) * g
+    return j + (u < p).to(tl.int32)
+
+
+@triton.jit
+def _round_quarter(x, mask, good, r, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
+    v = x * r[:, None]
+    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+    code = _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
     return tl.where(mask & good[:, None], code, 0)
 
 
@@ -207,10 +284,27 @@ def _store_quarter(
 
 
 @triton.jit
+def _store_scales(out_ptr, b, bmask, s, good):
+    """Scales as 4 little-endian bytes each (the payload may be unaligned); NaN marks a bad bucket."""
+    sb = tl.where(good, s.to(tl.int32, bitcast=True), 0x7FC00000)
+    b4 = tl.arange(0, 4)
+    sbytes = ((sb[:, None] >> (b4 * 8)[None, :]) & 255).to(tl.uint8)
+    tl.store(out_ptr + HEADER + b.to(tl.int64)[:, None] * 4 + b4[None, :], sbytes, mask=bmask[:, None])
+
+
+@triton.jit
+def _store_header(out_ptr, head_ptr, pid):
+    hb = tl.arange(0, 64)
+    hmask = (hb < HEADER) & (pid == 0)
+    tl.store(out_ptr + hb, tl.load(head_ptr + hb, mask=hmask, other=0), mask=hmask)
+
+
+@triton.jit
 def _qpack_kernel(
     x_ptr,
     u_ptr,
     lv_ptr,
+    pair_ptr,
     head_ptr,
     out_ptr,
     m,
@@ -230,11 +324,9 @@ def _qpack_kernel(
     LIB: tl.constexpr,
     ROUNDS: tl.constexpr,
 ):
+    """"single" mode: ROWS whole buckets per program, each as four quarters of Q coordinates."""
     pid = tl.program_id(0)
-    # header (40 bytes) by program 0
-    hb = tl.arange(0, 64)
-    hmask = (hb < 40) & (pid == 0)
-    tl.store(out_ptr + hb, tl.load(head_ptr + hb, mask=hmask, other=0), mask=hmask)
+    _store_header(out_ptr, head_ptr, pid)
 
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < nb
@@ -264,8 +356,7 @@ def _qpack_kernel(
         x2 = _clip_quarter(x2, m2, t)
         x3 = _clip_quarter(x3, m3, t)
         s = _row_scales(x0, x1, x2, x3, LINF, LIB)
-    ok = good & (s != 0.0)
-    s_safe = tl.where(ok, s, 1.0)
+    r = _reciprocal(s)
 
     if NOISE:
         u0 = tl.load(u_ptr + i0, mask=m0, other=0.0)
@@ -274,35 +365,182 @@ def _qpack_kernel(
         u3 = tl.load(u_ptr + i3, mask=m3, other=0.0)
     else:
         ctr = rows[:, None] * Q + tl.arange(0, Q)[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, ctr, ROUNDS)
-        u0 = tl.uint_to_uniform_float(r0)
-        u1 = tl.uint_to_uniform_float(r1)
-        u2 = tl.uint_to_uniform_float(r2)
-        u3 = tl.uint_to_uniform_float(r3)
+        w0, w1, w2, w3 = tl.randint4x(seed, ctr, ROUNDS)
+        u0 = _uniform(w0)
+        u1 = _uniform(w1)
+        u2 = _uniform(w2)
+        u3 = _uniform(w3)
 
-    c0 = _round_quarter(x0, m0, good, ok, s_safe, u0, lv_ptr, L, BITS)
-    c1 = _round_quarter(x1, m1, good, ok, s_safe, u1, lv_ptr, L, BITS)
-    c2 = _round_quarter(x2, m2, good, ok, s_safe, u2, lv_ptr, L, BITS)
-    c3 = _round_quarter(x3, m3, good, ok, s_safe, u3, lv_ptr, L, BITS)
+    c0 = _round_quarter(x0, m0, good, r, u0, lv_ptr, pair_ptr, L, BITS, LIB)
+    c1 = _round_quarter(x1, m1, good, r, u1, lv_ptr, pair_ptr, L, BITS, LIB)
+    c2 = _round_quarter(x2, m2, good, r, u2, lv_ptr, pair_ptr, L, BITS, LIB)
+    c3 = _round_quarter(x3, m3, good, r, u3, lv_ptr, pair_ptr, L, BITS, LIB)
 
     base_g = rows.to(tl.int64) * (D // 8)
     _store_quarter(out_ptr, codes_off, c0, i0, base_g, rmask, ngroups, 0, Q, D, ROWS, BITS)
     _store_quarter(out_ptr, codes_off, c1, i1, base_g, rmask, ngroups, 1, Q, D, ROWS, BITS)
     _store_quarter(out_ptr, codes_off, c2, i2, base_g, rmask, ngroups, 2, Q, D, ROWS, BITS)
     _store_quarter(out_ptr, codes_off, c3, i3, base_g, rmask, ngroups, 3, Q, D, ROWS, BITS)
-
-    # scales as 4 little-endian bytes each (the payload may be unaligned); NaN marks a bad bucket
-    sb = tl.where(good, s.to(tl.int32, bitcast=True), 0x7FC00000)
-    b4 = tl.arange(0, 4)
-    sbytes = ((sb[:, None] >> (b4 * 8)[None, :]) & 255).to(tl.uint8)
-    tl.store(out_ptr + HEADER + rows.to(tl.int64)[:, None] * 4 + b4[None, :], sbytes, mask=rmask[:, None])
+    _store_scales(out_ptr, rows, rmask, s, good)
 
 
-HEADER: tl.constexpr = tl.constexpr(HEADER_BYTES)
+@triton.jit
+def _scale_partial_kernel(
+    x_ptr,
+    part_ptr,
+    m,
+    nb,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    C: tl.constexpr,
+    LINF: tl.constexpr,
+):
+    """"split" mode, pass 1: chunk ``c`` of buckets ``rows`` -> float64 partial (sum of squares or max |x|)."""
+    pid = tl.program_id(0)
+    rg = pid // C
+    c = pid % C
+    rows = rg * ROWS + tl.arange(0, ROWS)
+    cols = c * COLS + tl.arange(0, COLS)
+    idx = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    rmask = rows < nb
+    mask = rmask[:, None] & (cols < D)[None, :] & (idx < m)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if LINF:
+        part = _absmax_rows(x).to(tl.float64)
+    else:
+        part = _sumsq_rows(x)
+    tl.store(part_ptr + rows * C + c, part, mask=rmask)
+
+
+@triton.jit
+def _scale_finalize_kernel(
+    part_ptr,
+    head_ptr,
+    out_ptr,
+    r_ptr,
+    nb,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    FB: tl.constexpr,
+    LINF: tl.constexpr,
+    LIB: tl.constexpr,
+):
+    """"split" mode, pass 2: per bucket, partials -> scale (payload bytes) and reciprocal (device buffer)."""
+    pid = tl.program_id(0)
+    _store_header(out_ptr, head_ptr, pid)
+    b = pid * FB + tl.arange(0, FB)
+    bmask = b < nb
+    cc = tl.arange(0, CP)
+    pm = bmask[:, None] & (cc < C)[None, :]
+    pv = tl.load(part_ptr + b[:, None] * C + cc[None, :], mask=pm, other=0.0)
+    if LINF:
+        s = tl.max(pv, axis=1).to(tl.float32)
+    else:
+        s = _sqrt64(tl.sum(pv, axis=1), LIB).to(tl.float32)
+    good = s < float("inf")
+    _store_scales(out_ptr, b, bmask, s, good)
+    tl.store(r_ptr + b, _reciprocal(s), mask=bmask)
+
+
+@triton.jit
+def _pack_groups(out_ptr, codes_off, code, gidx, ngroups, BITS: tl.constexpr):
+    """Pack (G, 8) codes of the 8-code groups ``gidx`` LSB-first: ``BITS`` bytes per group."""
+    sh = tl.arange(0, 8) * BITS
+    if BITS <= 3:
+        word = tl.sum(code << sh[None, :], axis=1)
+    else:
+        word = tl.sum(code.to(tl.int64) << sh.to(tl.int64)[None, :], axis=1)
+    dst = out_ptr + codes_off + gidx * BITS
+    gmask = gidx < ngroups
+    for i in tl.static_range(BITS):
+        tl.store(dst + i, ((word >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
+
+
+@triton.jit
+def _quant_part(
+    x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w, e0, m, ngroups, codes_off,
+    D: tl.constexpr, Q: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    NOISE: tl.constexpr, SCALAR: tl.constexpr, LIB: tl.constexpr,
+):  # fmt: skip
+    """Quarter ``e0 .. e0 + Q`` as (Q/8, 8) groups: round, then pack (no layout change before the sum)."""
+    G: tl.constexpr = Q // 8
+    gidx = e0 // 8 + tl.arange(0, G)
+    e = e0 + (tl.arange(0, G)[:, None] * 8 + tl.arange(0, 8)[None, :])
+    em = e < m
+    x = tl.load(x_ptr + e, mask=em, other=0.0).to(tl.float32)
+    if SCALAR:
+        r = rb
+    else:
+        r = tl.load(r_ptr + e // D, mask=em, other=0.0)
+    v = tl.minimum(tl.maximum(x * r, -1.0), 1.0)
+    if NOISE:
+        u = tl.load(u_ptr + e, mask=em, other=0.0)
+    else:
+        u = _uniform(w)
+    code = _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
+    code = tl.where(em, tl.where(r == r, code, 0), 0)  # NaN r: non-finite bucket -> code 0
+    if BITS == 8:
+        tl.store(out_ptr + codes_off + e, code.to(tl.uint8), mask=e < ngroups * 8)
+    else:
+        _pack_groups(out_ptr, codes_off, code, gidx, ngroups, BITS)
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr,
+    u_ptr,
+    r_ptr,
+    lv_ptr,
+    pair_ptr,
+    out_ptr,
+    m,
+    ngroups,
+    nblocks,
+    seed,
+    codes_off,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BITS: tl.constexpr,
+    L: tl.constexpr,
+    NOISE: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    LIB: tl.constexpr,
+):
+    """"split" mode, pass 3: BLOCK coordinates (four quarters) -> codes -> packed bytes."""
+    pid = tl.program_id(0)
+    if REVERSE:
+        blk = nblocks - 1 - pid
+    else:
+        blk = pid
+    Q: tl.constexpr = BLOCK // 4
+    SCALAR: tl.constexpr = D % BLOCK == 0
+    base = blk.to(tl.int64) * BLOCK
+    if SCALAR:
+        rb = tl.load(r_ptr + base // D)
+    else:
+        rb = 0.0
+    if NOISE:
+        w0 = 0
+        w1 = 0
+        w2 = 0
+        w3 = 0
+    else:
+        ctr = blk * Q + tl.arange(0, Q // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, ctr, ROUNDS)
+    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w0, base, m, ngroups, codes_off,
+                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
+    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w1, base + Q, m, ngroups, codes_off,
+                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
+    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w2, base + 2 * Q, m, ngroups, codes_off,
+                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
+    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w3, base + 3 * Q, m, ngroups, codes_off,
+                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
 
 
 def _qpack_params(d: int) -> tuple[int, int, int]:
-    """(ROWS, Q, num_warps) for bucket size ``d``."""
+    """(ROWS, Q, num_warps) of the "single" mode for bucket size ``d``."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
@@ -310,6 +548,16 @@ def _qpack_params(d: int) -> tuple[int, int, int]:
     if elems <= 2048:
         warps = min(warps, 4)
     return rows, dp2 // 4, warps
+
+
+def _split_params(d: int) -> dict[str, int]:
+    """Launch shapes of the "split" mode for bucket size ``d``."""
+    dp2 = _next_pow2(d)
+    sblock = int(TUNING["scale_block"])
+    cols = min(dp2, sblock)
+    rows = max(1, sblock // dp2)
+    chunks = -(-d // cols)
+    return {"ROWS": rows, "COLS": cols, "C": chunks, "CP": _next_pow2(chunks)}
 
 
 def quantize_pack(
@@ -335,23 +583,50 @@ def quantize_pack(
         msg = f"the fused kernel handles fewer than 2**31 coordinates per call; got {m}"
         raise ValueError(msg)
     d = config.bucket_size
-    rows, q, warps = _qpack_params(d)
     ngroups = -(-m // 8)
     codes_off = HEADER_BYTES + 4 * nb
-    clip = float(config.clip) if config.clip is not None else 0.0
-    clip_bits = int(torch.tensor(clip, dtype=torch.float64).view(torch.int64).item())
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
-    extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
-    grid = (max(1, -(-nb // rows)),)
-    _qpack_kernel[grid](
-        src, u, table.lookup, head, out,
-        m, nb, ngroups, seed, clip_bits, codes_off,
-        D=d, Q=q, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
-        LINF=config.norm == "linf", CLIP=config.clip is not None, NOISE=noise is not None,
-        LIB=not interp, ROUNDS=PHILOX_ROUNDS,
-        **extra,
-    )  # fmt: skip
+    linf = config.norm == "linf"
+    if TUNING["qpack_mode"] == "split" and config.clip is None and nb:
+        sp = _split_params(d)
+        part = torch.empty(nb * sp["C"], dtype=torch.float64, device=src.device)
+        recip = torch.empty(nb, dtype=torch.float32, device=src.device)
+        extra1: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["scale_warps"])}
+        _scale_partial_kernel[(-(-nb // sp["ROWS"]) * sp["C"],)](
+            src, part, m, nb, D=d, ROWS=sp["ROWS"], COLS=sp["COLS"], C=sp["C"], LINF=linf, **extra1
+        )
+        fb = 128
+        extra2: dict[str, Any] = {} if interp else {"num_warps": 4}
+        _scale_finalize_kernel[(-(-nb // fb),)](
+            part, head, out, recip, nb, C=sp["C"], CP=sp["CP"], FB=fb, LINF=linf, LIB=not interp, **extra2
+        )
+        block = int(TUNING["quant_block"])
+        nblocks = -(-m // block)
+        extra3: dict[str, Any] = (
+            {} if interp else {"num_warps": int(TUNING["quant_warps"]), "enable_fp_fusion": False}
+        )
+        _quant_kernel[(nblocks,)](
+            src, u, recip, table.levels, table.pairs, out,
+            m, ngroups, nblocks, seed, codes_off,
+            D=d, BLOCK=block, BITS=config.code_bits, L=config.num_levels, NOISE=noise is not None,
+            ROUNDS=PHILOX_ROUNDS, REVERSE=bool(TUNING["quant_reverse"]), LIB=not interp,
+            **extra3,
+        )  # fmt: skip
+    else:
+        rows, q, warps = _qpack_params(d)
+        clip = float(config.clip) if config.clip is not None else 0.0
+        clip_bits = int(torch.tensor(clip, dtype=torch.float64).view(torch.int64).item())
+        extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
+        grid = (max(1, -(-nb // rows)),)
+        _qpack_kernel[grid](
+            src, u, table.levels, table.pairs, head, out,
+            m, nb, ngroups, seed, clip_bits, codes_off,
+            D=d, Q=q, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
+            LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
+            LIB=not interp, ROUNDS=PHILOX_ROUNDS,
+            **extra,
+        )  # fmt: skip
     if n > m:
         off = codes_off + packed_size(m, config.code_bits)
         out[off:].copy_(src[m:].to(torch.float32).view(torch.uint8))
@@ -362,59 +637,86 @@ def quantize_pack(
 
 
 @triton.jit
+def _decode_one(
+    row, bucket, g, gm, e, em, lut_ptr, codes_off, D: tl.constexpr, BITS: tl.constexpr, SCALAR: tl.constexpr
+):
+    """``s_w * l[c_w]`` for the (G, 8) coordinates ``e`` of one payload starting at ``row``."""
+    if BITS == 8:
+        c = tl.load(row + codes_off + e, mask=em, other=0).to(tl.int32)
+    else:
+        gb = row + codes_off + g * BITS
+        if BITS <= 4:
+            word = tl.load(gb, mask=gm, other=0).to(tl.int32)
+            for i in tl.static_range(1, BITS):
+                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
+            c = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
+        else:
+            word = tl.load(gb, mask=gm, other=0).to(tl.int64)
+            for i in tl.static_range(1, BITS):
+                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
+            c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+    # the scale straight from its 4 payload bytes (little-endian; the payload may be unaligned)
+    sp = row + HEADER + bucket * 4
+    if SCALAR:
+        sb = tl.load(sp).to(tl.int32)
+        for i in tl.static_range(1, 4):
+            sb = sb | (tl.load(sp + i).to(tl.int32) << (8 * i))
+    else:
+        sb = tl.load(sp, mask=em, other=0).to(tl.int32)
+        for i in tl.static_range(1, 4):
+            sb = sb | (tl.load(sp + i, mask=em, other=0).to(tl.int32) << (8 * i))
+    s = sb.to(tl.float32, bitcast=True)
+    return s * tl.load(lut_ptr + c)
+
+
+@triton.jit
 def _decode_sum_kernel(
     p_ptr,
     stride_w,
-    sc_ptr,
     lut_ptr,
     out_ptr,
     m,
     ngroups,
-    nb,
     codes_off,
     scale,
-    W: tl.constexpr,
+    n_w,
     D: tl.constexpr,
     BITS: tl.constexpr,
-    BP: tl.constexpr,
     BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
     HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G: tl.constexpr = BLOCK // 8
+    SCALAR: tl.constexpr = D % BLOCK == 0
     g = pid.to(tl.int64) * G + tl.arange(0, G)
     gm = g < ngroups
-    e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     em = e < m
-    bucket = e // D
-    bi = tl.arange(0, BP)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for w in tl.static_range(W):
-        row = p_ptr + w * stride_w.to(tl.int64) + codes_off
-        if BITS == 8:
-            c = tl.load(row + e, mask=em, other=0).to(tl.int32)
-        else:
-            raw = tl.load(row + g[:, None] * BITS + bi[None, :], mask=gm[:, None] & (bi < BITS)[None, :], other=0)
-            if BITS <= 3:
-                word = tl.sum(raw.to(tl.int32) << (bi * 8)[None, :], axis=1)
-                c8 = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
-            else:
-                word = tl.sum(raw.to(tl.int64) << (bi * 8).to(tl.int64)[None, :], axis=1)
-                c8 = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(
-                    tl.int32
-                )
-            c = tl.reshape(c8, (BLOCK,))
-        s = tl.load(sc_ptr + w * nb + bucket, mask=em, other=0.0)
-        lv = tl.load(lut_ptr + c, mask=em, other=0.0)
-        acc = acc + s * lv
+    if SCALAR:
+        bucket = (pid.to(tl.int64) * BLOCK) // D
+    else:
+        bucket = e // D
+    stride = stride_w.to(tl.int64)
+    acc = tl.zeros((G, 8), tl.float32)
+    if UNROLL > 0:
+        for w in tl.static_range(UNROLL):
+            acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+    else:
+        for w in range(n_w):
+            acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
     if HAS_SCALE:
         acc = acc * scale
     tl.store(out_ptr + e, acc, mask=em)
 
 
+#: W up to this is unrolled at compile time (one compilation per W); larger W loops at run time
+#: (compiled only: the interpreter always unrolls).
+MAX_UNROLL = 16
+
+
 def decode_sum(
     payloads: torch.Tensor,
-    scales: torch.Tensor,
     table: LevelTable,
     config: QuantizerConfig,
     m: int,
@@ -424,22 +726,20 @@ def decode_sum(
 ) -> None:
     """Write ``scale * sum_w s_w * l[c_w]`` of the ``m`` quantized coordinates into ``out[:m]``.
 
-    ``payloads`` uint8 (W, P) with checked headers; ``scales`` float32 (W, nb) contiguous.
+    ``payloads`` uint8 (W, P) with checked headers (rows may start at any byte).
     """
-    w_count, stride = payloads.shape
+    w_count = payloads.shape[0]
     if payloads.stride(1) != 1:
         payloads = payloads.contiguous()
-        stride = payloads.stride(0)
-    else:
-        stride = payloads.stride(0)
-    block = TUNING["decode_block"]
-    bits = config.code_bits
+    stride = payloads.stride(0)
+    block = int(TUNING["decode_block"])
     interp = _interpret()
-    extra: dict[str, Any] = {} if interp else {"num_warps": TUNING["decode_warps"], "enable_fp_fusion": False}
+    extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["decode_warps"]), "enable_fp_fusion": False}
     grid = (-(-m // block),)
     _decode_sum_kernel[grid](
-        payloads, stride, scales, table.lookup, out,
-        m, -(-m // 8), scales.shape[1], codes_off, scale,
-        W=w_count, D=config.bucket_size, BITS=bits, BP=_next_pow2(bits), BLOCK=block, HAS_SCALE=scale != 1.0,
+        payloads, stride, table.lookup, out,
+        m, -(-m // 8), codes_off, scale, w_count,
+        D=config.bucket_size, BITS=config.code_bits, BLOCK=block,
+        UNROLL=w_count if w_count <= MAX_UNROLL or interp else 0, HAS_SCALE=scale != 1.0,
         **extra,
     )  # fmt: skip

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from alq_core import QuantizerConfig, encode_header, table_checksum, validate_levels
+from alq_core._quantize import inverse_gaps
 from numpy.typing import NDArray
 
 _LOCK = threading.Lock()
@@ -37,12 +38,18 @@ class LevelTable:
     lookup : Tensor of float32, shape (2**code_bits,)
         ``levels`` padded with NaN up to every code value (an out-of-range code
         decodes to NaN, never to a wrong finite number).
+    pairs : Tensor of int64, shape (2**code_bits,)
+        For the kernels' rounding step: entry ``j`` (``0 <= j <= L-2``) holds the
+        float32 bits of ``levels[j]`` in its low 32 bits and those of
+        ``inv_gap[j] = float32(1 / (levels[j+1] - levels[j]))`` in its high 32 bits
+        (one 8-byte load gives both); zero beyond.
     """
 
     host: NDArray[np.float32]
     crc: int
     levels: torch.Tensor
     lookup: torch.Tensor
+    pairs: torch.Tensor
 
 
 _TABLES: OrderedDict[tuple[bytes, int, str], LevelTable] = OrderedDict()
@@ -102,12 +109,23 @@ def level_table(levels: object, config: QuantizerConfig, device: torch.device) -
         crc=table_checksum(host),
         levels=torch.from_numpy(host.copy()).to(device),
         lookup=torch.from_numpy(lookup).to(device),
+        pairs=torch.from_numpy(level_pairs(host, config.code_bits)).to(device),
     )
     with _LOCK:
         _TABLES[key] = table
         while len(_TABLES) > _MAX_ENTRIES:
             _TABLES.popitem(last=False)
     return table
+
+
+def level_pairs(host: NDArray[np.float32], code_bits: int) -> NDArray[np.int64]:
+    """``levels[j]`` (low 32 bits) and ``inv_gap[j]`` (high 32 bits) as int64 ``(2**code_bits,)``."""
+    inv = inverse_gaps(host)
+    lo = host[:-1].view(np.uint32).astype(np.uint64)
+    hi = inv.view(np.uint32).astype(np.uint64)
+    out = np.zeros(1 << code_bits, dtype=np.uint64)
+    out[: host.size - 1] = lo | (hi << np.uint64(32))
+    return out.view(np.int64)
 
 
 def header_tensor(

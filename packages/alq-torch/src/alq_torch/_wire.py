@@ -302,8 +302,9 @@ def quantize_encode(
         Without ``noise``, the noise is generated on the device from ``seed``
         (deterministic for a given seed, device and path; a fresh seed from
         torch's default generator when None). CUDA fast path: counter-based
-        Philox (``tl.rand(seed, index)``); elsewhere ``torch.rand`` with a
-        generator seeded by ``seed``.
+        Philox4x32-7 (``tl.randint4x``, one counter per 4 coordinates, 23-bit
+        uniforms; the stream depends on the kernels' launch mode); elsewhere
+        ``torch.rand`` with a generator seeded by ``seed``.
     out : Tensor of uint8, shape (payload_size(config, n),), optional
         Written in place (a view into a bigger buffer is fine) and returned.
 
@@ -392,6 +393,7 @@ def decode_sum(
     table_version: int | None = None,
     out: torch.Tensor | None = None,
     scale: float = 1.0,
+    check_headers: bool = True,
 ) -> torch.Tensor:
     """Decode ``W`` payloads and sum them: ``scale * sum_w dequantize(decode(payloads[w]))``.
 
@@ -409,6 +411,11 @@ def decode_sum(
         Written in place and returned.
     scale : float
         Factor applied to the sum in float32 (``1/W`` averages).
+    check_headers : bool
+        With True (default) the W headers are copied to the host and checked
+        (a device synchronization on CUDA). With False nothing is checked and
+        nothing synchronizes: the caller vouches for the headers (the DDP hook
+        compares them on the device itself).
 
     Returns
     -------
@@ -439,6 +446,48 @@ def decode_sum(
     if w_count == 0:
         msg = "`payloads` must hold at least one payload; got W = 0"
         raise ValueError(msg)
+    if check_headers:
+        _check_headers(payloads, config, table, n, table_version)
+    elif length != payload_size(config, n):
+        kind = "truncated" if length < payload_size(config, n) else "oversized"
+        msg = f"payloads {kind}: {length} bytes each, but n = {n} elements need {payload_size(config, n)}"
+        raise PayloadError(msg)
+    if out is not None:
+        out = _check_out(out, n, device, torch.float32, "the sum")
+    else:
+        out = torch.empty(n, dtype=torch.float32, device=device)
+    scale32 = float(np.float32(scale))
+    m = config.num_quantized(n)
+    nb = config.num_buckets(n) if config.quantized else 0
+    off_codes = HEADER_SIZE + 4 * nb
+    off_tail = off_codes + packed_size(m, config.code_bits)
+    if config.quantized and m and (device.type == "cuda" or _force_kernels()):
+        from . import _kernels
+
+        if _kernels.decode_supported(config):
+            assert table is not None
+            _kernels.decode_sum(payloads, table, config, m, off_codes, out, scale32)
+            if n > m:
+                tails = _bytes_f32(payloads[:, off_tail:])
+                tsum = tails[0].clone()
+                for w in range(1, w_count):
+                    tsum = tsum + tails[w]
+                out[m:].copy_(tsum * scale32 if scale32 != 1.0 else tsum)
+            return out
+    acc: torch.Tensor | None = None
+    for w in range(w_count):
+        part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    out.copy_(acc * scale32 if scale32 != 1.0 else acc)
+    return out
+
+
+def _check_headers(
+    payloads: torch.Tensor, config: QuantizerConfig, table: LevelTable | None, n: int, table_version: int | None
+) -> None:
+    """Check the W headers on the host (one small device-to-host copy); raise :class:`PayloadError`."""
+    w_count, length = payloads.shape
     heads = payloads[:, :HEADER_SIZE].cpu().numpy()
     seen: set[bytes] = set()
     for w in range(w_count):
@@ -469,36 +518,6 @@ def decode_sum(
         if len(_GOOD_HEADERS) > 256:
             _GOOD_HEADERS.clear()
         _GOOD_HEADERS.add(key)
-    if out is not None:
-        out = _check_out(out, n, device, torch.float32, "the sum")
-    else:
-        out = torch.empty(n, dtype=torch.float32, device=device)
-    scale32 = float(np.float32(scale))
-    m = config.num_quantized(n)
-    nb = config.num_buckets(n) if config.quantized else 0
-    off_codes = HEADER_SIZE + 4 * nb
-    off_tail = off_codes + packed_size(m, config.code_bits)
-    if config.quantized and m and (device.type == "cuda" or _force_kernels()):
-        from . import _kernels
-
-        if _kernels.decode_supported(config):
-            assert table is not None
-            scales = _bytes_f32(payloads[:, HEADER_SIZE:off_codes])
-            _kernels.decode_sum(payloads, scales, table, config, m, off_codes, out, scale32)
-            if n > m:
-                tails = _bytes_f32(payloads[:, off_tail:])
-                tsum = tails[0].clone()
-                for w in range(1, w_count):
-                    tsum = tsum + tails[w]
-                out[m:].copy_(tsum * scale32 if scale32 != 1.0 else tsum)
-            return out
-    acc: torch.Tensor | None = None
-    for w in range(w_count):
-        part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
-        acc = part if acc is None else acc + part
-    assert acc is not None
-    out.copy_(acc * scale32 if scale32 != 1.0 else acc)
-    return out
 
 
 def _dequantize_payload(
