@@ -10,7 +10,7 @@ overrides ``--ftz=false`` and flushes float32 subnormals (a scale of 1e-42 becam
 Arithmetic contract (``alq_core._quantize``), and how the kernels keep it:
 
 * NVRTC runs with ``--prec-div=true --prec-sqrt=true --ftz=false --fmad=false``:
-  ``x / s`` is the correctly rounded float32 division, subnormals are kept, and no
+  ``1 / s`` (once per bucket) and ``1 / gap`` (once per level) are correctly rounded float32 divisions, subnormals are kept, and no
   multiply-add is contracted (so ``acc + s * l`` rounds twice, like NumPy);
 * L2 scales are ``(float)sqrt(sum((double)x * (double)x))``: every square is exact
   in double, so only the order of the double additions differs from NumPy (a
@@ -141,16 +141,17 @@ __device__ float alq_scale(const float* src, int len, int linf, int clip_on, flo
     return (float)sqrt(alq_block_sum(ss, red));
 }
 
-/* Code of one coordinate: v = x / s (0 when s == 0), clamped, j by binary search, stochastic rounding. */
-__device__ __forceinline__ unsigned int alq_code(float xv, float s, const float* lv, int L, float u) {
-    float v = (s != 0.0f) ? xv / s : 0.0f;
+/* Code of one coordinate: v = x * r (r = 1/s per bucket, 0 where not finite), clamped, j by binary
+ * search, p = (v - l_j) * inv_gap_j, stochastic rounding (alq_core's contract; no fused multiply-add). */
+__device__ __forceinline__ unsigned int alq_code(float xv, float r, const float* lv, const float* ig, int L, float u) {
+    float v = xv * r;
     v = fminf(fmaxf(v, lv[0]), lv[L - 1]);
     int lo = 0, hi = L - 2;             /* j = #{interior levels lv[1..L-2] <= v} */
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
         if (lv[1 + mid] <= v) lo = mid + 1; else hi = mid;
     }
-    const float p = (v - lv[lo]) / (lv[lo + 1] - lv[lo]);
+    const float p = (v - lv[lo]) * ig[lo];
     return (unsigned int)lo + ((u < p) ? 1u : 0u);
 }
 
@@ -171,12 +172,16 @@ extern "C" __global__ void alq_quantize(
     extern __shared__ float4 alq_dyn[];
     float* sx = reinterpret_cast<float*>(alq_dyn);
     __shared__ float lv[256];
+    __shared__ float ig[256];
     __shared__ double red[33];
     __shared__ float redf[33];
     const int tid = threadIdx.x, nt = blockDim.x;
     const i64 base = (i64)blockIdx.x * d;
     const int len = (int)((m - base) < d ? (m - base) : d);
-    for (int i = tid; i < 256; i += nt) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+    for (int i = tid; i < 256; i += nt) {
+        lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+        ig[i] = (i + 1 < L) ? 1.0f / (levels[i + 1] - levels[i]) : 0.0f;   /* correctly rounded (prec-div) */
+    }
     if (header_dst != 0 && blockIdx.x == 0) {
         for (int i = tid; i < 40; i += nt) header_dst[i] = header_src[i];
     }
@@ -213,7 +218,9 @@ extern "C" __global__ void alq_quantize(
         t = (float)(clip * sd);
         s = alq_scale(src, len, linf, 1, t, red, redf);
     }
-    __syncthreads();   /* lv[] visible to every thread (also when no reduction ran after loading it) */
+    __syncthreads();   /* lv[], ig[] visible to every thread (also when no reduction ran after loading them) */
+    float r = 1.0f / s;                    /* one correctly rounded division per bucket */
+    if (!isfinite(r)) r = 0.0f;            /* s == 0, or 1/s overflows: v = 0 */
     if (tid == 0) {
         const float so = bad ? __uint_as_float(ALQ_NAN_BITS) : s;
         if (scales != 0) scales[blockIdx.x] = so;
@@ -249,7 +256,7 @@ extern "C" __global__ void alq_quantize(
                     if (i0 + e < len) {
                         float xv = xs[e];
                         if (clip_on) xv = fminf(fmaxf(xv, -t), t);
-                        word |= (u64)alq_code(xv, s, lv, L, us[e]) << (bits * e);
+                        word |= (u64)alq_code(xv, r, lv, ig, L, us[e]) << (bits * e);
                     }
                 }
             }
@@ -262,7 +269,7 @@ extern "C" __global__ void alq_quantize(
                 float xv = src[i];
                 if (clip_on) xv = fminf(fmaxf(xv, -t), t);
                 const float u = (noise != 0) ? noise[base + i] : alq_uniform(key, (u64)(base + i));
-                c = alq_code(xv, s, lv, L, u);
+                c = alq_code(xv, r, lv, ig, L, u);
             }
             codes[base + i] = (u8)c;
         }
