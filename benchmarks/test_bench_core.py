@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from alq_core import QuantizerConfig, default_levels, pack_codes, quantize, unpack_codes
 from alq_core.testing import reference_pack, reference_quantize
 

@@ -28,7 +28,7 @@ def test_short_run_per_method_is_consistent(method: str, digits) -> None:  # typ
     run = RunConfig(
         method=method, bucket_size=256, workers=4, batch_size=8, steps=6, model="mlp-16", update_steps=(0, 3)
     )
-    res, model, sim = train_run(run, digits, device=CPU, progress=False)
+    res, model, _sim = train_run(run, digits, device=CPU, progress=False)
     assert res is not None
     assert 0.0 <= res.final_val_acc <= 1.0
     assert 0.0 <= res.best_val_acc <= 1.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import alq_core
 import numpy as np
@@ -97,7 +97,7 @@ class SimulatedWorkers:
         device: torch.device | str | None = None,
         seed: int | None = None,
         dist_num: int = 50,
-        weights: str = "norm",
+        weights: Literal["norm", "norm2"] = "norm",
     ) -> None:
         if not isinstance(config, QuantizerConfig):
             msg = f"`config` must be an alq_core.QuantizerConfig; got {type(config).__name__}"

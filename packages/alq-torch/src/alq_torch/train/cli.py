@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = int(s["workers"])
     n_train = int(data.y_train.shape[0])
     if s.get("epochs") is not None:
-        steps = max(1, int(round(float(s["epochs"]) * n_train / (workers * int(s["batch_size"])))))
+        steps = max(1, round(float(s["epochs"]) * n_train / (workers * int(s["batch_size"]))))
     else:
         steps = int(s["steps"])
     s["resolved_steps"] = steps

@@ -90,7 +90,7 @@ def load_digits_data(val_fraction: float = 0.2) -> Dataset:
     x = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)
     y = np.asarray(bunch.target, dtype=np.int64)
     perm = np.random.RandomState(0).permutation(len(y))
-    n_val = int(round(val_fraction * len(y)))
+    n_val = round(val_fraction * len(y))
     val, train = perm[:n_val], perm[n_val:]
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0) + np.float32(1e-2)

@@ -63,7 +63,7 @@ class RunConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate at ``step``: ``lr * 0.1**(milestones passed)``."""
-        passed = sum(1 for m in self.milestones if step >= int(round(m * self.steps)))
+        passed = sum(1 for m in self.milestones if step >= round(m * self.steps))
         return self.lr * (0.1**passed)
 
     def update_due(self, step: int) -> bool:

@@ -267,7 +267,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
             table = np.array([h["levels"] for h in hist])
             pos = table[:, table.shape[1] // 2 :]
             for j in range(pos.shape[1]):
-                ax.step(steps, list(pos[:, j]) + [pos[-1, j]], where="post", lw=1.5)
+                ax.step(steps, [*list(pos[:, j]), pos[-1, j]], where="post", lw=1.5)
             ax.set_yscale("log")
             ax.set_title(f"{m} (seed {run['seed']})", fontsize=10)
             ax.set_xlabel("step")
