@@ -99,11 +99,12 @@ def gpu_case():  # type: ignore[no-untyped-def]
 @needs_cuda
 @pytest.mark.benchmark(group="torch-quantize-cuda-25.56M")
 def test_naive_torch_pipeline_cuda(benchmark, info, gpu_case):  # type: ignore[no-untyped-def]
-    from gpu_kernels import check_naive, naive_quantize_dequantize
+    from gpu_kernels import check_naive, naive_magnitudes, naive_quantize_dequantize
 
     x, _ = gpu_case
     levels = torch.from_numpy(LEVELS).cuda()
-    y = benchmark(_cuda_sync(lambda: naive_quantize_dequantize(x, levels, 8192)))
+    mags = naive_magnitudes(levels)
+    y = benchmark(_cuda_sync(lambda: naive_quantize_dequantize(x, mags, 8192)))
     check_naive(x, y, 8192)
 
 

@@ -229,9 +229,7 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     assert kernels["quantize_pack"] == 0
 
 
-@pytest.mark.parametrize(
-    ("mode", "block"), [("single", 0), ("split", 32), ("split", 2048)]
-)
+@pytest.mark.parametrize(("mode", "block"), [("single", 0), ("split", 32), ("split", 2048)])
 @pytest.mark.parametrize(
     "config",
     [
@@ -255,7 +253,11 @@ def test_launch_modes_match_core(
     x[3] = float("nan")  # a non-finite first bucket
     x[config.bucket_size : 2 * config.bucket_size] = 0.0  # a zero bucket
     cfg = QuantizerConfig(
-        config.method, bits=config.bits, bucket_size=config.bucket_size, tail=config.tail, norm=config.norm,
+        config.method,
+        bits=config.bits,
+        bucket_size=config.bucket_size,
+        tail=config.tail,
+        norm=config.norm,
         nonfinite="propagate",
     )
     _check(x, cfg)

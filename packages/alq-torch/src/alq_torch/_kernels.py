@@ -324,7 +324,7 @@ def _qpack_kernel(
     LIB: tl.constexpr,
     ROUNDS: tl.constexpr,
 ):
-    """"single" mode: ROWS whole buckets per program, each as four quarters of Q coordinates."""
+    """Single mode: ROWS whole buckets per program, each as four quarters of Q coordinates."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
 
@@ -396,7 +396,7 @@ def _scale_partial_kernel(
     C: tl.constexpr,
     LINF: tl.constexpr,
 ):
-    """"split" mode, pass 1: chunk ``c`` of buckets ``rows`` -> float64 partial (sum of squares or max |x|)."""
+    """Split mode, pass 1: chunk ``c`` of buckets ``rows`` -> float64 partial (sum of squares or max |x|)."""
     pid = tl.program_id(0)
     rg = pid // C
     c = pid % C
@@ -426,7 +426,7 @@ def _scale_finalize_kernel(
     LINF: tl.constexpr,
     LIB: tl.constexpr,
 ):
-    """"split" mode, pass 2: per bucket, partials -> scale (payload bytes) and reciprocal (device buffer)."""
+    """Split mode, pass 2: per bucket, partials -> scale (payload bytes) and reciprocal (device buffer)."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
     b = pid * FB + tl.arange(0, FB)
@@ -508,7 +508,7 @@ def _quant_kernel(
     REVERSE: tl.constexpr,
     LIB: tl.constexpr,
 ):
-    """"split" mode, pass 3: BLOCK coordinates (four quarters) -> codes -> packed bytes."""
+    """Split mode, pass 3: BLOCK coordinates (four quarters) -> codes -> packed bytes."""
     pid = tl.program_id(0)
     if REVERSE:
         blk = nblocks - 1 - pid
@@ -603,9 +603,7 @@ def quantize_pack(
         )
         block = int(TUNING["quant_block"])
         nblocks = -(-m // block)
-        extra3: dict[str, Any] = (
-            {} if interp else {"num_warps": int(TUNING["quant_warps"]), "enable_fp_fusion": False}
-        )
+        extra3: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["quant_warps"]), "enable_fp_fusion": False}
         _quant_kernel[(nblocks,)](
             src, u, recip, table.levels, table.pairs, out,
             m, ngroups, nblocks, seed, codes_off,
