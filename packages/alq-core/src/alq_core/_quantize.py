@@ -120,8 +120,9 @@ def _scale_rows(rows: NDArray[np.float32], norm: str) -> NDArray[np.float32]:
 
 
 def _clip_rows(rows: NDArray[np.float32], clip: float) -> NDArray[np.float32]:
-    std = rows.astype(np.float64).std(axis=1, keepdims=True)
-    t = (clip * std).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite bucket is marked by its scale
+        std = rows.astype(np.float64).std(axis=1, keepdims=True)
+        t = (clip * std).astype(np.float32)
     return np.asarray(np.minimum(np.maximum(rows, -t), t), dtype=np.float32)
 
 
