@@ -263,16 +263,9 @@ def main() -> None:
                 {"qpack_mode": "single", "qpack_warps_8k": w, "qpack_warps_16k": w} for w in (4, 8, 16, 32)
             ]
             variants += [
-                {"qpack_mode": "split", "quant_block": blk, "quant_warps": w, "scale_block": sb, "quant_reverse": rev}
-                for blk in (1024, 2048, 4096)
+                {"qpack_mode": "split", "quant_block": blk, "quant_warps": w, "scale_block": 4096, "quant_reverse": 1}
+                for blk in (2048, 4096)
                 for w in (4, 8)
-                for sb in (4096,)
-                for rev in (1, 0)
-            ]
-            variants += [
-                {"qpack_mode": "split", "quant_block": 2048, "quant_warps": 4, "scale_block": sb, "scale_warps": sw}
-                for sb in (2048, 8192)
-                for sw in (4, 8)
             ]
             for var in variants:
                 name = ",".join(f"{k}={v}" for k, v in var.items())
@@ -359,8 +352,8 @@ def main() -> None:
             if not args.no_sweep and CUDA:
                 dsweep: dict[str, Any] = {}
                 saved = dict(_kernels.TUNING)
-                for blk in (1024, 2048, 4096, 8192):
-                    for warps in (2, 4, 8):
+                for blk in (2048, 4096):
+                    for warps in (4, 8):
                         name = f"decode_block={blk},decode_warps={warps}"
                         _kernels.TUNING.update({"decode_block": blk, "decode_warps": warps})
                         try:
