@@ -148,7 +148,8 @@ def test_decode_sum_flags_out_of_table_codes() -> None:
 
 
 def test_kernel_source_compiles_without_flush_to_zero() -> None:
-    """NVRTC with exactly our options emits no .ftz instruction (CuPy's RawModule would add -ftz=true)."""
+    """NVRTC with exactly our options emits no .ftz instruction (CuPy's RawModule would add -ftz=true),
+    the per-bucket reciprocal and per-level inverse gaps are correctly rounded, and nothing is approximate."""
     from alq_cupy import _kernels as K
     from cupy.cuda import nvrtc
 
@@ -161,7 +162,10 @@ def test_kernel_source_compiles_without_flush_to_zero() -> None:
         nvrtc.destroyProgram(prog)
     text = ptx.decode() if isinstance(ptx, bytes) else str(ptx)
     assert ".ftz" not in text
-    assert "div.rn.f32" in text
+    assert "rcp.rn.f32" in text
+    assert "rcp.approx" not in text
+    assert "div.approx" not in text
+    assert "div.full" not in text
     assert "-ftz=true" not in " ".join(K.OPTIONS)
 
 
