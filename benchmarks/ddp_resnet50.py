@@ -144,6 +144,33 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, Callable[[], tuple[Any
 # --------------------------------------------------------------------- timing
 
 
+def _profile_steps(
+    name: str, ddp: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, args: Any
+) -> None:
+    """Three more steps under torch.profiler; rank 0 writes the op tables next to ``--out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    tag = "".join(c if c.isalnum() else "_" for c in name)
+    path = f"{os.path.splitext(args.out)[0]}.profile.{tag}.txt"
+    avg = prof.key_averages()
+    with open(path, "w") as fh:
+        fh.write(f"{name}: 3 steps\n\nby self CPU time\n")
+        fh.write(avg.table(sort_by="self_cpu_time_total", row_limit=25))
+        if device.type == "cuda":
+            fh.write("\n\nby self device time\n")
+            fh.write(avg.table(sort_by="self_device_time_total", row_limit=25))
+
+
 def _run_config(
     name: str, make: Callable[[], tuple[Any, Any] | None], args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
@@ -182,6 +209,8 @@ def _run_config(
         sync(device)
         if it >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
+    if args.profile and dist.get_rank() == 0:
+        _profile_steps(name, ddp, opt, x, y, device, args)
     # the slowest rank sets the pace: take the per-step max over ranks
     t = torch.tensor(times, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -247,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="run only configurations whose name contains one of these")
     p.add_argument("--image", type=int, default=224, help="image side (pixels)")
     p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
+    p.add_argument("--profile", action="store_true", help="rank 0 writes torch.profiler tables per configuration")
     args = p.parse_args(argv)
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
