@@ -147,7 +147,7 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, Callable[[], tuple[Any
 def _profile_steps(
     name: str, ddp: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, args: Any
 ) -> None:
-    """Three more steps under torch.profiler; rank 0 writes the op tables next to ``--out``."""
+    """Three more steps under torch.profiler on every rank; rank 0 writes the op tables next to ``--out``."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -160,6 +160,8 @@ def _profile_steps(
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    if dist.get_rank() != 0:
+        return
     tag = "".join(c if c.isalnum() else "_" for c in name)
     path = f"{os.path.splitext(args.out)[0]}.profile.{tag}.txt"
     avg = prof.key_averages()
@@ -209,7 +211,7 @@ def _run_config(
         sync(device)
         if it >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    if args.profile and dist.get_rank() == 0:
+    if args.profile:  # every rank steps (the collectives need them all); rank 0 writes
         _profile_steps(name, ddp, opt, x, y, device, args)
     # the slowest rank sets the pace: take the per-step max over ranks
     t = torch.tensor(times, device=device)
