@@ -25,7 +25,9 @@ from ._stats import DegenerateStatsError, GradientStats, compute_stats, merge_st
 from ._variance import expected_variance, variance_gradient
 from ._wire import (
     HEADER_SIZE,
+    Header,
     PayloadError,
+    check_header,
     decode,
     decode_header,
     encode,
@@ -46,6 +48,7 @@ __all__ = [
     "DegenerateStatsError",
     "GradientStats",
     "HEADER_SIZE",
+    "Header",
     "METHODS",
     "MethodSpec",
     "PayloadError",
@@ -58,6 +61,7 @@ __all__ = [
     "alq_levels",
     "amq_multiplier",
     "bucket_scales",
+    "check_header",
     "compute_stats",
     "decode",
     "decode_header",

@@ -238,6 +238,63 @@ def encode(q: QuantizedTensor, levels: ArrayLike | None = None, *, table_version
     return out
 
 
+def check_header(
+    head: bytes | bytearray | memoryview | NDArray[np.uint8],
+    length: int,
+    *,
+    config: QuantizerConfig | None = None,
+    table_version: int | None = None,
+    table_crc: int | None = None,
+) -> tuple[Header, QuantizerConfig]:
+    """Every check :func:`decode` makes before reading the body, from the header and the length.
+
+    Backends that keep payloads on a device copy only the 40 header bytes to the
+    host and call this, so their errors are the core's, word for word.
+
+    Parameters
+    ----------
+    head : bytes or uint8 array
+        At least the payload's first 40 bytes (fewer means a truncated payload).
+    length : int
+        The whole payload's length in bytes.
+    config : QuantizerConfig, optional
+        Expected wire fields (method, bits, bucket size, norm, tail); when given it
+        is also the configuration returned.
+    table_version : int, optional
+        The reader's level-table version.
+    table_crc : int, optional
+        :func:`table_checksum` of the reader's level table.
+
+    Returns
+    -------
+    (Header, QuantizerConfig)
+        The decoded header and the configuration to decode the body with.
+
+    Raises
+    ------
+    PayloadError
+    """
+    header = decode_header(_as_bytes(head)[: min(HEADER_SIZE, length)])
+    cfg, n = header.config, header.count
+    if config is not None and _wire_fields(config) != _wire_fields(cfg):
+        msg = f"payload was encoded with {_wire_fields(cfg)}, expected {_wire_fields(config)} (method, bits, bucket, norm, tail)"
+        raise PayloadError(msg)
+    if config is not None:
+        cfg = config
+    if table_version is not None and header.table_version != table_version:
+        msg = f"level-table version mismatch: payload has {header.table_version}, reader has {table_version}"
+        raise PayloadError(msg)
+    if table_crc is not None and cfg.quantized and table_crc != header.table_crc:
+        msg = f"level-table checksum mismatch (payload {header.table_crc:#010x}): sender and reader use different levels"
+        raise PayloadError(msg)
+    expected = payload_size(cfg, n)
+    if length != expected:
+        kind = "truncated" if length < expected else "oversized"
+        msg = f"payload {kind}: {length} bytes, header says {n} elements which need {expected}"
+        raise PayloadError(msg)
+    return header, cfg
+
+
 def decode(
     payload: bytes | bytearray | memoryview | NDArray[np.uint8],
     *,
@@ -254,24 +311,9 @@ def decode(
     checksum differs, or a different ``table_version``.
     """
     buf = _as_bytes(payload)
-    head = decode_header(buf)
-    cfg, n = head.config, head.count
-    if config is not None and _wire_fields(config) != _wire_fields(cfg):
-        msg = f"payload was encoded with {_wire_fields(cfg)}, expected {_wire_fields(config)} (method, bits, bucket, norm, tail)"
-        raise PayloadError(msg)
-    if config is not None:
-        cfg = config
-    if table_version is not None and head.table_version != table_version:
-        msg = f"level-table version mismatch: payload has {head.table_version}, reader has {table_version}"
-        raise PayloadError(msg)
-    if levels is not None and cfg.quantized and table_checksum(validate_levels(levels)) != head.table_crc:
-        msg = f"level-table checksum mismatch (payload {head.table_crc:#010x}): sender and reader use different levels"
-        raise PayloadError(msg)
-    expected = payload_size(cfg, n)
-    if len(buf) != expected:
-        kind = "truncated" if len(buf) < expected else "oversized"
-        msg = f"payload {kind}: {len(buf)} bytes, header says {n} elements which need {expected}"
-        raise PayloadError(msg)
+    crc = table_checksum(validate_levels(levels)) if levels is not None else None
+    head, cfg = check_header(buf[:HEADER_SIZE], len(buf), config=config, table_version=table_version, table_crc=crc)
+    n = head.count
     off = HEADER_SIZE
     m = cfg.num_quantized(n)
     if cfg.quantized:

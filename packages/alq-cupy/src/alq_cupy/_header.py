@@ -9,15 +9,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, decode_header, encode_header, payload_size
-from alq_core._wire import Header
+from alq_core import HEADER_SIZE, Header, PayloadError, QuantizerConfig, encode_header, payload_size
+from alq_core import check_header as alq_check_header
 
-__all__ = ["check_header", "header_bytes", "payload_offsets", "wire_fields"]
-
-
-def wire_fields(config: QuantizerConfig) -> tuple[object, ...]:
-    """The fields a payload header pins: method, bits, bucket size, norm, tail."""
-    return (config.method, config.bits, config.bucket_size, config.norm, config.tail)
+__all__ = ["check_header", "header_bytes", "payload_offsets"]
 
 
 @lru_cache(maxsize=256)
@@ -50,7 +45,7 @@ def check_header(
     table_version: int | None = None,
     count: int | None = None,
 ) -> tuple[Header, QuantizerConfig]:
-    """Check a payload's header and length as ``alq_core.decode`` does, without its body.
+    """:func:`alq_core.check_header`, plus the element count the reader expects.
 
     Parameters
     ----------
@@ -78,29 +73,8 @@ def check_header(
         With the core's message for the same defect.
     """
     raw = head.tobytes() if isinstance(head, np.ndarray) else bytes(head)
-    if length < HEADER_SIZE:
-        raw = raw[:length]
-    hdr = decode_header(raw)
-    cfg, n = hdr.config, hdr.count
-    if config is not None and wire_fields(config) != wire_fields(cfg):
-        msg = (
-            f"payload was encoded with {wire_fields(cfg)}, expected {wire_fields(config)} "
-            "(method, bits, bucket, norm, tail)"
-        )
-        raise PayloadError(msg)
-    if config is not None:
-        cfg = config
-    if table_version is not None and hdr.table_version != table_version:
-        msg = f"level-table version mismatch: payload has {hdr.table_version}, reader has {table_version}"
-        raise PayloadError(msg)
-    if table_crc is not None and cfg.quantized and table_crc != hdr.table_crc:
-        msg = f"level-table checksum mismatch (payload {hdr.table_crc:#010x}): sender and reader use different levels"
-        raise PayloadError(msg)
-    expected = payload_size(cfg, n)
-    if length != expected:
-        kind = "truncated" if length < expected else "oversized"
-        msg = f"payload {kind}: {length} bytes, header says {n} elements which need {expected}"
-        raise PayloadError(msg)
+    hdr, cfg = alq_check_header(raw, length, config=config, table_version=table_version, table_crc=table_crc)
+    n = hdr.count
     if count is not None and n != count:
         msg = f"payload holds {n} elements, expected {count}: sender and reader disagree on the tensor size"
         raise PayloadError(msg)

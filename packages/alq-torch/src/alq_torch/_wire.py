@@ -14,6 +14,7 @@ otherwise (always on CPU).
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import alq_core
 import numpy as np
@@ -143,10 +144,6 @@ def encode(q: QuantizedTensor, levels: object = None, *, table_version: int = 0)
     return out
 
 
-def _wire_fields(config: QuantizerConfig) -> tuple[object, ...]:
-    return (config.method, config.bits, config.bucket_size, config.norm, config.tail)
-
-
 def check_header(
     head: bytes,
     length: int,
@@ -156,42 +153,20 @@ def check_header(
     table_version: int | None,
     crc: int | None = None,
 ) -> tuple[QuantizerConfig, int]:
-    """The core's payload checks, from the header bytes and the payload length alone.
+    """:func:`alq_core.check_header` with the reader's table given as levels (or its ``crc``).
 
     Returns the configuration to decode with and the element count; raises
     :class:`alq_core.PayloadError` with the core's messages.
     """
-    header = alq_core.decode_header(head)
-    cfg, n = header.config, header.count
-    if config is not None and _wire_fields(config) != _wire_fields(cfg):
-        msg = (
-            f"payload was encoded with {_wire_fields(cfg)}, expected {_wire_fields(config)}"
-            " (method, bits, bucket, norm, tail)"
-        )
-        raise PayloadError(msg)
-    if config is not None:
-        cfg = config
-    if table_version is not None and header.table_version != table_version:
-        msg = f"level-table version mismatch: payload has {header.table_version}, reader has {table_version}"
-        raise PayloadError(msg)
-    if levels is not None and cfg.quantized:
-        if crc is None:
-            crc = alq_core.table_checksum(alq_core.validate_levels(_host_array(levels)))
-        if crc != header.table_crc:
-            msg = (
-                f"level-table checksum mismatch (payload {header.table_crc:#010x}):"
-                " sender and reader use different levels"
-            )
-            raise PayloadError(msg)
-    expected = payload_size(cfg, n)
-    if length != expected:
-        kind = "truncated" if length < expected else "oversized"
-        msg = f"payload {kind}: {length} bytes, header says {n} elements which need {expected}"
-        raise PayloadError(msg)
-    return cfg, n
+    if levels is not None and crc is None:
+        crc = alq_core.table_checksum(alq_core.validate_levels(_host_array(levels)))
+    header, cfg = alq_core.check_header(
+        head, length, config=config, table_version=table_version, table_crc=crc if levels is not None else None
+    )
+    return cfg, header.count
 
 
-def _host_array(levels: object) -> object:
+def _host_array(levels: object) -> Any:
     if isinstance(levels, torch.Tensor):
         return levels.detach().to("cpu", torch.float64).numpy()
     return levels
@@ -495,7 +470,7 @@ def _check_headers(
         if head in seen:
             continue
         crc = table.crc if table is not None else None
-        key = (head, length, _wire_fields(config), table_version, crc, n)
+        key = (head, length, config, table_version, crc, n)
         if key in _GOOD_HEADERS:
             seen.add(head)
             continue
