@@ -46,7 +46,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11", default=False)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on every package's src/ (configured in pyproject.toml)."""
-    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch", "./packages/alq-cupy", "mypy>=1.10")
+    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch[triton]", "./packages/alq-cupy", *TOOLS, "mypy>=1.10")
     session.run("mypy", *session.posargs)
 
 
