@@ -299,7 +299,9 @@ def _store_header(out_ptr, head_ptr, pid):
     tl.store(out_ptr + hb, tl.load(head_ptr + hb, mask=hmask, other=0), mask=hmask)
 
 
-@triton.jit
+# The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
+# compile new variants mid-training whenever a seed first falls into another class.
+@triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
     x_ptr,
     u_ptr,
@@ -486,7 +488,7 @@ def _quant_part(
         _pack_groups(out_ptr, codes_off, code, gidx, ngroups, BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _quant_kernel(
     x_ptr,
     u_ptr,
