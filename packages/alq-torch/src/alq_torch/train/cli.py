@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data import DATA_NAMES, load_data
-from .loop import RunConfig, probe_gradients, train_run
+from .loop import RunConfig, probe_gradients, resolve_steps, train_run
 from .report import format_table, plot_all, summarize, write_csv, write_json
 
 #: Every method in the paper's order.
@@ -358,10 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"alq-train: error: {exc}") from None
     workers = int(s["workers"])
     n_train = int(data.y_train.shape[0])
-    if s.get("epochs") is not None:
-        steps = max(1, round(float(s["epochs"]) * n_train / (workers * int(s["batch_size"]))))
-    else:
-        steps = int(s["steps"])
+    steps = resolve_steps(s, n_train, workers)
     s["resolved_steps"] = steps
     out = resume_dir or args.out or _default_out(s, workers)
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)

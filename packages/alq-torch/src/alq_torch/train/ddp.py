@@ -33,6 +33,7 @@ from .loop import (
     _tensor_state,
     evaluate,
     make_quantizer,
+    resolve_steps,
 )
 from .models import build_model, num_parameters
 
@@ -223,10 +224,7 @@ def main_ddp(args: argparse.Namespace) -> int:
             s = resolve(args)
         data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
         n_train = int(data.y_train.shape[0])
-        if s.get("epochs") is not None:
-            steps = max(1, round(float(s["epochs"]) * n_train / (world * int(s["batch_size"]))))
-        else:
-            steps = int(s["steps"])
+        steps = resolve_steps(s, n_train, world)
         s["resolved_steps"] = steps
         s["workers"] = world
         out = resume_dir or args.out

@@ -262,6 +262,14 @@ def _tensor_state(obj: Any, device: torch.device) -> Any:
 
 
 # --------------------------------------------------------------------------- simulated run
+def resolve_steps(settings: dict[str, Any], n_train: int, workers: int) -> int:
+    """Training steps: ``settings["steps"]``, or ``settings["epochs"]`` passes over ``n_train``
+    examples when given (each step consumes ``workers * batch_size`` examples)."""
+    if settings.get("epochs") is not None:
+        return max(1, round(float(settings["epochs"]) * n_train / (workers * int(settings["batch_size"]))))
+    return int(settings["steps"])
+
+
 def train_run(
     run: RunConfig,
     data: Dataset,
