@@ -13,7 +13,9 @@ Run on the GPU machine (2 GPUs), from the repository root::
 
 ResNet-50 (torchvision's when installed, else an identical local definition:
 same layers, 25,557,032 parameters), batch 64 per GPU, bf16 autocast, synthetic
-data, SGD with momentum. Every configuration gets a fresh DDP model; after
+data, SGD with momentum, ``gradient_as_bucket_view=True`` and
+``zero_grad(set_to_none=False)`` (gradients stay views of DDP's buckets: no
+per-parameter copies; ``--set-to-none`` for the other way). Every configuration gets a fresh DDP model; after
 ``--warmup`` steps, ``--steps`` steps are timed one by one with CUDA
 synchronization and the median is reported. Rank 0 prints a table and writes
 JSON (per configuration: median / p10 / p90 step ms, ratios to no hook and to
@@ -153,7 +155,7 @@ def _profile_steps(
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=args.set_to_none)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = nn.functional.cross_entropy(ddp(x), y)
             loss.backward()
@@ -203,7 +205,7 @@ def _run_config(
     for it in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=args.set_to_none)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(ddp(x), y)
         loss.backward()
@@ -279,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=int, default=224, help="image side (pixels)")
     p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
     p.add_argument("--profile", action="store_true", help="rank 0 writes torch.profiler tables per configuration")
+    p.add_argument(
+        "--set-to-none",
+        action="store_true",
+        help="zero_grad(set_to_none=True): gradients are then new tensors each step and DDP copies every one into"
+        " its bucket (one copy kernel per parameter when a hook is registered); the default keeps them as views"
+        " of the buckets (gradient_as_bucket_view=True), for every configuration alike",
+    )
     args = p.parse_args(argv)
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -341,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_per_gpu": args.batch,
         "autocast": "bfloat16",
         "channels_last": args.channels_last,
+        "gradient_as_bucket_view": True,
+        "zero_grad_set_to_none": args.set_to_none,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "alq": {

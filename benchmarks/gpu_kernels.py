@@ -18,7 +18,8 @@ and 16384, all in one run and with medians of ``triton.testing.do_bench``
     ("single": one program per bucket; "split": scale pass + wide quantize pass);
 (c) decode+average of W = 2, 4, 8 payloads (``alq_torch.decode_sum``: the API
     with its host header check, the API with ``check_headers=False`` as the DDP
-    hook calls it, the kernel alone, and a sweep of its block sizes) against the memory floor
+    hook called it before, the API with a device-side header check (a flag
+    tensor) as the hook calls it now, the kernel alone, and a sweep of its block sizes) against the memory floor
     (bytes read + written at the device-to-device copy bandwidth measured here);
 (d) that device-to-device copy.
 
@@ -317,18 +318,31 @@ def main() -> None:
                 lambda: alq_torch.decode_sum(payloads, levels, config, n, scale=1 / w, out=avg, check_headers=False),
                 device,
             )
+            flag = torch.zeros(1, dtype=torch.int32, device=device)
+            checked = alq_torch.decode_sum(
+                payloads, levels, config, n, table_version=0, scale=1 / w, check_headers=flag
+            )
+            assert torch.equal(checked, avg) and int(flag.item()) == 0, "the device header check changed the sum"
+            t_api_flag = bench(
+                lambda: alq_torch.decode_sum(
+                    payloads, levels, config, n, table_version=0, scale=1 / w, out=avg, check_headers=flag
+                ),
+                device,
+            )
             t_kernel = bench(lambda: _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32), device)
             moved = w * (size - HEADER_SIZE) + 4 * n
             floor = moved / copy_bw
             entry: dict[str, Any] = {
                 "seconds_api": t_api,
                 "seconds_api_check_headers_false": t_api_nosync,
+                "seconds_api_device_check": t_api_flag,
                 "seconds_kernel": t_kernel,
                 "bytes_moved": moved,
                 "memory_floor_seconds": floor,
                 "ratio_to_floor_kernel": t_kernel / floor,
                 "ratio_to_floor_api": t_api / floor,
                 "ratio_to_floor_api_check_headers_false": t_api_nosync / floor,
+                "ratio_to_floor_api_device_check": t_api_flag / floor,
                 "target_ratio": 2.0,
             }
             out[f"decode_average_W{w}"] = entry
@@ -347,6 +361,14 @@ def main() -> None:
                     key,
                     t_api_nosync,
                     f"{t_api_nosync / floor:.2f}x floor",
+                )
+            )
+            rows.append(
+                (
+                    f"decode+average W={w} (API, device check)",
+                    key,
+                    t_api_flag,
+                    f"{t_api_flag / floor:.2f}x floor (as the DDP hook calls it)",
                 )
             )
             if not args.no_sweep and CUDA:

@@ -156,3 +156,16 @@ def test_quantize_encode_seed_out_and_validation() -> None:
     bad[70] = float("inf")
     with pytest.raises(ValueError, match=r"bucket 1 \(coordinates 64\.\.127\) holds NaN or Inf"):
         quantize_encode(bad, levels, config, seed=1)
+
+
+def test_decode_sum_device_check_without_kernels() -> None:
+    """The flag-based header check on the torch-ops path (CPU): NaN result and flag set, no exception."""
+    config = QuantizerConfig("qsgd", bits=4, bucket_size=32, tail="full")
+    levels = default_levels(config)
+    x = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    p = torch.stack([quantize_encode(x, levels, config, table_version=2, seed=s) for s in (1, 2)])
+    flag = torch.zeros(1, dtype=torch.int32)
+    ok = decode_sum(p, levels, config, 100, table_version=2, check_headers=flag)
+    assert torch.equal(ok, decode_sum(p, levels, config, 100, table_version=2)) and flag.item() == 0
+    bad = decode_sum(p, levels, config, 100, table_version=3, check_headers=flag)
+    assert torch.isnan(bad).all() and flag.item() == 1

@@ -34,7 +34,6 @@ job resumed from :meth:`ALQState.state_dict` continues bit-identically.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 import time
 from collections import deque
@@ -45,10 +44,9 @@ import alq_core
 import numpy as np
 import torch
 import torch.distributed as dist
-from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, payload_size, table_checksum
+from alq_core import PayloadError, QuantizerConfig, payload_size
 
 from ._stats import bucket_stats
-from ._tables import header_tensor
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span
 from ._wire import decode_sum, quantize_encode
 
@@ -57,9 +55,6 @@ _COLLECTIVES = ("auto", "allgather", "reduce_scatter")
 _STATE_FORMAT = 1
 _M64 = (1 << 64) - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-#: ``decode_sum`` can skip its host-side header check (the hook then checks on the device).
-_DECODE_CAN_SKIP_CHECK = "check_headers" in inspect.signature(decode_sum).parameters
 
 
 def _mix64(x: int) -> int:
@@ -111,23 +106,28 @@ def _run_after(fut: torch.futures.Future[Any], fn: Callable[[torch.futures.Futur
     return box[0]
 
 
+#: Header-check flags kept per round (one per DDP bucket index; higher indices share the last).
+_MAX_FLAGS = 256
+
+
 class _PendingCheck:
-    """A device-side header comparison, read back without stalling (pinned copy + event)."""
+    """A round's device-side header-check flags, read back without stalling (pinned copy + event)."""
 
-    __slots__ = ("_event", "_flag", "what")
+    __slots__ = ("_event", "_flags", "step")
 
-    def __init__(self, bad: torch.Tensor, what: str) -> None:
-        self._flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        self._flag.copy_(bad.reshape(1), non_blocking=True)
+    def __init__(self, flags: torch.Tensor, step: int) -> None:
+        self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        self._flags.copy_(flags, non_blocking=True)
         self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._event.record()
-        self.what = what
+        self.step = step
 
-    def failed(self, block: bool) -> bool | None:
+    def failed(self, block: bool) -> list[int] | None:
+        """Bucket indices whose headers differed (empty if none); None if not yet known and ``block`` is False."""
         if not block and not self._event.query():  # type: ignore[no-untyped-call]
             return None
         self._event.synchronize()
-        return bool(self._flag.item())
+        return [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
 
 
 class ALQState:
@@ -250,10 +250,11 @@ class ALQState:
         self._update_due = False
         self._stats: list[torch.Tensor] = []
         self._pending: list[_PendingCheck] = []
+        self._flags: torch.Tensor | None = None  # int32 (_MAX_FLAGS,) on the GPU: header mismatches this round
+        self._flags_used = False
         self._lock = threading.Lock()
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
-        self._table_crc = 0
 
     # ------------------------------------------------------------------ group
     @property
@@ -278,16 +279,15 @@ class ALQState:
         """Version of the level table in force (written into every payload)."""
         return int(self.quantizer.version)
 
-    def _table(self) -> tuple[np.ndarray, int, int]:
-        """Level table (host float32: the ops cache its device copy by value), version, checksum."""
+    def _table(self) -> tuple[np.ndarray, int]:
+        """Level table (host float32: the ops cache its device copy by value) and its version."""
         version = self.table_version
         if self._table_key != version or self._table_host is None:
             host = self.levels
             assert host is not None
             self._table_host = np.ascontiguousarray(host, dtype=np.float32)
-            self._table_crc = table_checksum(host)
             self._table_key = version
-        return self._table_host, version, self._table_crc
+        return self._table_host, version
 
     # --------------------------------------------------------------- telemetry
     @property
@@ -308,34 +308,58 @@ class ALQState:
         return rec
 
     def check(self) -> None:
-        """Raise :class:`alq_core.PayloadError` if a GPU header check of an earlier round failed.
+        """Raise :class:`alq_core.PayloadError` if a GPU header check of this or an earlier round failed.
 
-        On CUDA the hook compares payload headers on the device (no stall) and
-        raises at the next hook call; calling this after ``optimizer.step()``
-        detects a mismatch one step earlier. Synchronizes with earlier rounds.
+        On CUDA the decode kernels compare payload headers on the device (no
+        stall) and set a flag per bucket; the hook reads a round's flags back
+        asynchronously and raises at a later hook call (within two rounds).
+        Calling this after ``optimizer.step()`` checks now (synchronizes).
         """
+        self._collect_flags(self.step if self._in_round else self.step - 1)
         self._raise_failed_checks(block=True)
 
+    def _collect_flags(self, step: int) -> None:
+        """Queue the read-back of the flags of round ``step`` and clear them (stream-ordered after its decodes)."""
+        if self._flags is not None and self._flags_used:
+            with self._lock:
+                self._pending.append(_PendingCheck(self._flags, step))
+                self._flags.zero_()
+                self._flags_used = False
+
+    def _flag(self, device: torch.device, index: int) -> torch.Tensor | bool:
+        """The header-check flag of bucket ``index`` on ``device`` (CUDA), or True (check on the host)."""
+        if device.type != "cuda":
+            return True
+        if self._flags is None or self._flags.device != device:
+            self._flags = torch.zeros(_MAX_FLAGS, dtype=torch.int32, device=device)
+        self._flags_used = True
+        i = min(index, _MAX_FLAGS - 1)
+        return self._flags[i : i + 1]
+
     def _raise_failed_checks(self, block: bool) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
         keep: list[_PendingCheck] = []
-        for p in self._pending:
+        for p in pending:
             failed = p.failed(block)
             if failed is None:
                 keep.append(p)
             elif failed:
-                self._pending = []
+                last = "" if failed[-1] < _MAX_FLAGS - 1 else f" (index {_MAX_FLAGS - 1} stands for all higher ones)"
                 msg = (
-                    f"{p.what}: a payload header did not match this rank's (level-table version, table checksum,"
-                    " configuration or element count): the ranks' level tables diverged. The averaged gradient"
-                    " of that bucket was replaced by NaN."
+                    f"step {p.step}, bucket(s) {failed}{last}: a payload header did not match this rank's"
+                    " (level-table version, table checksum, configuration or element count): the ranks' level"
+                    " tables diverged. The averaged gradient of those buckets was replaced by NaN."
                 )
                 raise PayloadError(msg)
-        self._pending = keep
+        with self._lock:
+            self._pending = keep + self._pending
 
     # ------------------------------------------------------------------ rounds
     def _begin_bucket(self) -> StepRecord | None:
         if not self._in_round:
             self._in_round = True
+            self._collect_flags(self.step - 1)
             self._raise_failed_checks(block=False)
             for r in list(self._records)[-4:]:
                 r._resolve(block=False)
@@ -559,43 +583,26 @@ class ALQState:
         fut: torch.futures.Future[torch.Tensor] = work.get_future().then(done)
         return fut
 
-    def _check_heads(
-        self, payloads: torch.Tensor, n: int, levels: np.ndarray, version: int, crc: int, what: str
-    ) -> torch.Tensor | None:
-        """Device-side header check; returns a NaN/1 factor to poison the result (CUDA), or None (checked on host)."""
-        if payloads.device.type != "cuda" or not _DECODE_CAN_SKIP_CHECK:
-            return None
-        head = header_tensor(self.config, n, version, crc, payloads.device)
-        bad = (payloads[:, :HEADER_SIZE] != head).any()
-        with self._lock:
-            self._pending.append(_PendingCheck(bad, what))
-        return torch.ones((), dtype=torch.float32, device=bad.device).masked_fill_(bad, float("nan"))  # no host copy
-
     def _decode(
         self,
         payloads: torch.Tensor,
         levels: np.ndarray,
         version: int,
-        crc: int,
         n: int,
         scale: float,
         out: torch.Tensor | None,
-        what: str,
+        index: int,
     ) -> torch.Tensor:
-        factor = self._check_heads(payloads, n, levels, version, crc, what)
-        if factor is None:
-            res = decode_sum(payloads, levels, self.config, n, table_version=version, out=out, scale=scale)
-        else:
-            skip: dict[str, Any] = {"check_headers": False}  # headers compared on the device above
-            res = decode_sum(payloads, levels, self.config, n, table_version=version, out=out, scale=scale, **skip)
-            res.mul_(factor)
-        return res
+        check = self._flag(payloads.device, index)
+        return decode_sum(
+            payloads, levels, self.config, n, table_version=version, out=out, scale=scale, check_headers=check
+        )
 
     def _local_variance(
         self, payload: torch.Tensor, x: torch.Tensor, levels: np.ndarray, version: int, rec: BucketRecord
     ) -> None:
         n = x.numel()
-        deq = decode_sum(payload.view(1, -1), levels, self.config, n, table_version=version)
+        deq = decode_sum(payload.view(1, -1), levels, self.config, n, check_headers=False)  # our own payload
         ref = x.to(torch.float32)
         err = (deq - ref).double().square().sum()
         rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
@@ -605,7 +612,7 @@ class ALQState:
     ) -> torch.futures.Future[torch.Tensor]:
         cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
         device = flat.device
-        levels, version, crc = self._table()
+        levels, version = self._table()
         n = flat.numel()
         size = payload_size(cfg, n)
         rec.table_version = version
@@ -623,7 +630,6 @@ class ALQState:
         span_c = self._timed(rec, "communicate", device)
         work = _all_gather_flat(gathered, payload, self.process_group, async_op=True)
         out32 = flat if flat.dtype == torch.float32 else None
-        what = f"step {step}, bucket {index}"
 
         def finish(f: torch.futures.Future[Any]) -> torch.Tensor:
             f.value()  # re-raises a failed collective
@@ -632,7 +638,7 @@ class ALQState:
             if device.type == "cuda":
                 gathered.record_stream(torch.cuda.current_stream(device))
             span_d = self._timed(rec, "decode", device)
-            res = self._decode(gathered.view(world, size), levels, version, crc, n, 1.0 / world, out32, what)
+            res = self._decode(gathered.view(world, size), levels, version, n, 1.0 / world, out32, index)
             if res is not flat:
                 flat.copy_(res)
             if span_d is not None:
@@ -647,7 +653,7 @@ class ALQState:
     ) -> torch.futures.Future[torch.Tensor]:
         cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
         device = flat.device
-        levels, version, crc = self._table()
+        levels, version = self._table()
         n, d = flat.numel(), cfg.bucket_size
         nb = -(-n // d)
         edges = [min(n, (k * nb // world) * d) for k in range(world + 1)]
@@ -658,7 +664,6 @@ class ALQState:
         pmax = max(sizes)
         rec.table_version = version
         rec.bytes_sent = (sum(sizes) - own) + (world - 1) * pmax
-        what = f"step {step}, bucket {index}"
         measure = self._measure_now()
 
         span_q = self._timed(rec, "quantize", device)
@@ -698,7 +703,7 @@ class ALQState:
                 recv.record_stream(torch.cuda.current_stream(device))
                 send.record_stream(torch.cuda.current_stream(device))
             span_d1 = self._timed(rec, "decode", device)
-            owned = self._decode(recv.view(world, own), levels, version, crc, mine, 1.0 / world, None, what)
+            owned = self._decode(recv.view(world, own), levels, version, mine, 1.0 / world, None, index)
             if span_d1 is not None:
                 span_d1.stop()
             span_q2 = self._timed(rec, "quantize", device)
@@ -728,7 +733,7 @@ class ALQState:
                 for k in range(world):
                     part = flat[edges[k] : edges[k + 1]]
                     out32 = part if part.dtype == torch.float32 else None
-                    res = self._decode(rows[k : k + 1, : sizes[k]], levels, version, crc, counts[k], 1.0, out32, what)
+                    res = self._decode(rows[k : k + 1, : sizes[k]], levels, version, counts[k], 1.0, out32, index)
                     if res is not part:
                         part.copy_(res)
                 if span_d2 is not None:

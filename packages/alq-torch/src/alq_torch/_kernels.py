@@ -128,15 +128,6 @@ def _div64(a, b, LIB: tl.constexpr):
 
 
 @triton.jit
-def _load_quarter(x_ptr, base, rmask, m, R: tl.constexpr, Q: tl.constexpr, D: tl.constexpr):
-    cols = R * Q + tl.arange(0, Q)
-    idx = base[:, None] + cols[None, :]
-    mask = rmask[:, None] & (cols < D)[None, :] & (idx < m)
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    return x, mask, idx
-
-
-@triton.jit
 def _absmax_rows(x):
     # NaN counts as +inf so that a NaN bucket is always marked non-finite
     return tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
@@ -149,36 +140,62 @@ def _sumsq_rows(x):
 
 
 @triton.jit
-def _row_scales(x0, x1, x2, x3, LINF: tl.constexpr, LIB: tl.constexpr):
+def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
+    """Per-row scale of two (ROWS, G, 4) halves: max |x| (NaN as +inf), or float32(sqrt(sum of x**2 in float64)).
+
+    Each thread first reduces its own groups (axis 2, then the two halves), so
+    only one value per group enters the reduction across threads.
+    """
     if LINF:
-        a = tl.maximum(tl.maximum(_absmax_rows(x0), _absmax_rows(x1)), tl.maximum(_absmax_rows(x2), _absmax_rows(x3)))
-        s = a
+        grp = tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2))
+        s = tl.max(grp, axis=1)
     else:
-        ss = (_sumsq_rows(x0) + _sumsq_rows(x1)) + (_sumsq_rows(x2) + _sumsq_rows(x3))
-        s = _sqrt64(ss, LIB).to(tl.float32)
+        a64 = a.to(tl.float64)
+        b64 = b.to(tl.float64)
+        grp = tl.sum(a64 * a64, axis=2) + tl.sum(b64 * b64, axis=2)
+        s = _sqrt64(tl.sum(grp, axis=1), LIB).to(tl.float32)
     return s
 
 
 @triton.jit
-def _sum64_rows(x, mask):
-    return tl.sum(tl.where(mask, x.to(tl.float64), 0.0), axis=1)
+def _absmax3(x):
+    return tl.where(x == x, tl.abs(x), float("inf"))
 
 
 @triton.jit
-def _sqdev_rows(x, mask, mean):
-    dev = x.to(tl.float64) - mean[:, None]
-    return tl.sum(tl.where(mask, dev * dev, 0.0), axis=1)
+def _sum64_groups(x, mask):
+    return tl.sum(tl.where(mask, x.to(tl.float64), 0.0), axis=2)
 
 
 @triton.jit
-def _clip_quarter(x, mask, t):
-    return tl.where(mask, tl.minimum(tl.maximum(x, -t[:, None]), t[:, None]), 0.0)
+def _sqdev_groups(x, mask, mean):
+    dev = x.to(tl.float64) - mean[:, None, None]
+    return tl.sum(tl.where(mask, dev * dev, 0.0), axis=2)
+
+
+@triton.jit
+def _clip_half(x, mask, t):
+    return tl.where(mask, tl.minimum(tl.maximum(x, -t[:, None, None]), t[:, None, None]), 0.0)
 
 
 @triton.jit
 def _uniform(w):
     """23 random bits of a uint32 as a float32 in [0, 1): exponent of 1.0 ORed in, minus 1 (exact)."""
     return ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+
+
+@triton.jit
+def _uniform_pair(w):
+    """Two uniforms in (0, 1) from the 16-bit halves of a uint32: ``(k + 1/2) / 2**16`` (bit patterns, exact)."""
+    hi = (((w >> 9) & 0x7FFF80) | 0x3F800040).to(tl.float32, bitcast=True) - 1.0
+    lo = (((w << 7) & 0x7FFF80) | 0x3F800040).to(tl.float32, bitcast=True) - 1.0
+    return hi, lo
+
+
+@triton.jit
+def _join4(a, b, c, d, ROWS: tl.constexpr, G: tl.constexpr):
+    """Four (ROWS, G) tensors as one (ROWS, G, 4) tensor, ``[..., k]`` from the k-th argument (in registers)."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (ROWS, G, 4))
 
 
 @triton.jit
@@ -190,23 +207,42 @@ def _reciprocal(s):
 
 
 @triton.jit
+def _gather_pair(table_ptr, idx, LIB: tl.constexpr):
+    """Entry ``idx`` (int32 >= 0, any shape) of an int64 table as its (low, high) int32 halves.
+
+    Compiled: inline PTX, one ``mad.wide.u32`` for the address and one 8-byte
+    read-only load; it keeps the tensor's layout (a ``tl.load`` gather gets a
+    layout of its own) and needs no 64-bit pointer arithmetic per element.
+    """
+    if LIB:
+        base = tl.full(idx.shape, 0, tl.int64) + table_ptr.to(tl.int64, bitcast=True)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mad.wide.u32 a, $2, 8, $3; ld.global.nc.v2.b32 {$0, $1}, [a]; }",
+            "=r,=r,r,l",
+            [idx, base],
+            dtype=(tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        v = tl.load(table_ptr + idx)
+        lo = (v & 0xFFFFFFFF).to(tl.int32)
+        hi = (v >> 32).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
 def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
     """Codes of clamped ``v`` with noise ``u``: ``j + (u < (v - l_j) * inv_gap_j)``."""
     if L <= 16 and LIB:
         # j = number of interior levels <= v (scalar levels), then one 8-byte gather of (l_j, inv_gap_j)
         # from the tiny L1-resident table; the gather is inline PTX so that it keeps the tensor's layout
         # (a tl.load gather gets a layout of its own and a shared-memory conversion)
+        # levels ascend, so the last level <= v sets j (one compare and one select per level)
         j = tl.zeros(v.shape, tl.int32)
         for k in tl.static_range(1, L - 1):
-            j += (v >= tl.load(lv_ptr + k)).to(tl.int32)
-        lo_b, g_b = tl.inline_asm_elementwise(
-            "ld.global.nc.v2.b32 {$0, $1}, [$2];",
-            "=r,=r,l",
-            [pair_ptr + j],
-            dtype=(tl.int32, tl.int32),
-            is_pure=True,
-            pack=1,
-        )
+            j = tl.where(v >= tl.load(lv_ptr + k), k, j)
+        lo_b, g_b = _gather_pair(pair_ptr, j, LIB)
         p = (v - lo_b.to(tl.float32, bitcast=True)) * g_b.to(tl.float32, bitcast=True)
         return j + (u < p).to(tl.int32)
     if L <= 16:
@@ -241,43 +277,31 @@ def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.
 
 
 @triton.jit
-def _round_quarter(x, mask, good, r, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
-    v = x * r[:, None]
+def _round_half(x, r, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
+    v = x * r[:, None, None]
     v = tl.minimum(tl.maximum(v, -1.0), 1.0)
-    code = _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
-    return tl.where(mask & good[:, None], code, 0)
+    return _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
 
 
 @triton.jit
-def _store_quarter(
-    out_ptr,
-    codes_off,
-    code,
-    idx,
-    base_g,
-    rmask,
-    ngroups,
-    R: tl.constexpr,
-    Q: tl.constexpr,
-    D: tl.constexpr,
-    ROWS: tl.constexpr,
-    BITS: tl.constexpr,
-):
+def _store_codes(out_ptr, codes_off, lo, hi, e, gidx, gmask, BITS: tl.constexpr):
+    """Codes of (ROWS, G, 4) halves (elements ``8g + k`` and ``8g + 4 + k``): ``BITS`` bytes per 8-code group.
+
+    Whole groups are written (codes past the end are 0: the padding bytes of the last group).
+    """
     if BITS == 8:
-        cols = R * Q + tl.arange(0, Q)
-        bmask = rmask[:, None] & (cols < D)[None, :] & (idx < ngroups * 8)
-        tl.store(out_ptr + codes_off + idx, code.to(tl.uint8), mask=bmask)
+        m3 = tl.broadcast_to(gmask[:, :, None], lo.shape)
+        tl.store(out_ptr + codes_off + e, lo.to(tl.uint8), mask=m3)
+        tl.store(out_ptr + codes_off + e + 4, hi.to(tl.uint8), mask=m3)
     else:
-        G: tl.constexpr = Q // 8
-        gl = R * G + tl.arange(0, G)
-        gidx = base_g[:, None] + gl[None, :]
-        gmask = rmask[:, None] & (gl < D // 8)[None, :] & (gidx < ngroups)
-        c3 = tl.reshape(code, (ROWS, G, 8))
-        sh = tl.arange(0, 8) * BITS
+        sh = tl.arange(0, 4) * BITS
         if BITS <= 3:
-            word = tl.sum(c3 << sh[None, None, :], axis=2)
+            word = tl.sum(lo << sh[None, None, :], axis=2) | tl.sum(hi << (sh + 4 * BITS)[None, None, :], axis=2)
         else:
-            word = tl.sum(c3.to(tl.int64) << sh.to(tl.int64)[None, None, :], axis=2)
+            sh64 = sh.to(tl.int64)
+            word = tl.sum(lo.to(tl.int64) << sh64[None, None, :], axis=2) | tl.sum(
+                hi.to(tl.int64) << (sh64 + 4 * BITS)[None, None, :], axis=2
+            )
         dst = out_ptr + codes_off + gidx * BITS
         for i in tl.static_range(BITS):
             tl.store(dst + i, ((word >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
@@ -299,91 +323,91 @@ def _store_header(out_ptr, head_ptr, pid):
     tl.store(out_ptr + hb, tl.load(head_ptr + hb, mask=hmask, other=0), mask=hmask)
 
 
+@triton.jit
+def _qpack_rows(
+    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, row_end, ngroups, seed, clip_bits, codes_off,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Buckets ``pid * ROWS ..`` as two (ROWS, G, 4) halves: group ``g`` holds elements ``8g .. 8g + 7``.
+
+    Every group lives in one thread (both halves have the same layout), so the
+    noise (one Philox call per group), the rounding and the packing need no
+    data exchange between threads. ``MASKED`` adds element masks (a partial
+    last bucket); otherwise masks are per row and group, and loads stay vectorized.
+    """
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    g = tl.arange(0, G)
+    rmask = rows < row_end
+    gmask = rmask[:, None]
+    if D < 8 * G:
+        gmask = gmask & (g < D // 8)[None, :]
+    gidx = rows.to(tl.int64)[:, None] * (D // 8) + g[None, :]  # global group index (ROWS, G)
+    e = gidx[:, :, None] * 8 + tl.arange(0, 4)[None, None, :]  # elements of the low half (ROWS, G, 4)
+    if MASKED:
+        mlo = gmask[:, :, None] & (e < m)
+        mhi = gmask[:, :, None] & (e + 4 < m)
+        gmask = gmask & (gidx < ngroups)
+    else:
+        mlo = tl.broadcast_to(gmask[:, :, None], (ROWS, G, 4))
+        mhi = mlo
+    a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
+
+    s = _row_scales(a, b, LINF, LIB)
+    good = s < float("inf")  # False for NaN and Inf
+    if CLIP:
+        clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        cnt = tl.sum(tl.sum(mlo.to(tl.int32) + mhi.to(tl.int32), axis=2), axis=1)
+        cnt64 = tl.maximum(cnt, 1).to(tl.float64)
+        mean = _div64(tl.sum(_sum64_groups(a, mlo) + _sum64_groups(b, mhi), axis=1), cnt64, LIB)
+        sq = tl.sum(_sqdev_groups(a, mlo, mean) + _sqdev_groups(b, mhi, mean), axis=1)
+        t = (clip * _sqrt64(_div64(sq, cnt64, LIB), LIB)).to(tl.float32)
+        a = _clip_half(a, mlo, t)
+        b = _clip_half(b, mhi, t)
+        s = _row_scales(a, b, LINF, LIB)
+    r = _reciprocal(s)
+
+    if NOISE:
+        ua = tl.load(u_ptr + e, mask=mlo, other=0.0)
+        ub = tl.load(u_ptr + e + 4, mask=mhi, other=0.0)
+    else:
+        w0, w1, w2, w3 = tl.randint4x(seed, gidx.to(tl.int32), ROUNDS)
+        h0, l0 = _uniform_pair(w0)
+        h1, l1 = _uniform_pair(w1)
+        h2, l2 = _uniform_pair(w2)
+        h3, l3 = _uniform_pair(w3)
+        ua = _join4(h0, h1, h2, h3, ROWS, G)
+        ub = _join4(l0, l1, l2, l3, ROWS, G)
+
+    keep = good[:, None, None]
+    ca = tl.where(keep, _round_half(a, r, ua, lv_ptr, pair_ptr, L, BITS, LIB), 0)
+    cb = tl.where(keep, _round_half(b, r, ub, lv_ptr, pair_ptr, L, BITS, LIB), 0)
+    if MASKED:
+        ca = tl.where(mlo, ca, 0)
+        cb = tl.where(mhi, cb, 0)
+    _store_codes(out_ptr, codes_off, ca, cb, e, gidx, gmask, BITS)
+    _store_scales(out_ptr, rows, rmask, s, good)
+
+
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
 # compile new variants mid-training whenever a seed first falls into another class.
 @triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
-    x_ptr,
-    u_ptr,
-    lv_ptr,
-    pair_ptr,
-    head_ptr,
-    out_ptr,
-    m,
-    nb,
-    ngroups,
-    seed,
-    clip_bits,
-    codes_off,
-    D: tl.constexpr,
-    Q: tl.constexpr,
-    ROWS: tl.constexpr,
-    BITS: tl.constexpr,
-    L: tl.constexpr,
-    LINF: tl.constexpr,
-    CLIP: tl.constexpr,
-    NOISE: tl.constexpr,
-    LIB: tl.constexpr,
-    ROUNDS: tl.constexpr,
-):
-    """Single mode: ROWS whole buckets per program, each as four quarters of Q coordinates."""
+    x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
+):  # fmt: skip
+    """Single mode: ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
-
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < nb
-    base = rows.to(tl.int64) * D
-    x0, m0, i0 = _load_quarter(x_ptr, base, rmask, m, 0, Q, D)
-    x1, m1, i1 = _load_quarter(x_ptr, base, rmask, m, 1, Q, D)
-    x2, m2, i2 = _load_quarter(x_ptr, base, rmask, m, 2, Q, D)
-    x3, m3, i3 = _load_quarter(x_ptr, base, rmask, m, 3, Q, D)
-
-    s = _row_scales(x0, x1, x2, x3, LINF, LIB)
-    good = s < float("inf")  # False for NaN and Inf
-    if CLIP:
-        clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        cnt = (tl.sum(m0.to(tl.int32), axis=1) + tl.sum(m1.to(tl.int32), axis=1)) + (
-            tl.sum(m2.to(tl.int32), axis=1) + tl.sum(m3.to(tl.int32), axis=1)
-        )
-        cnt64 = tl.maximum(cnt, 1).to(tl.float64)
-        tot = (_sum64_rows(x0, m0) + _sum64_rows(x1, m1)) + (_sum64_rows(x2, m2) + _sum64_rows(x3, m3))
-        mean = _div64(tot, cnt64, LIB)
-        sq = (_sqdev_rows(x0, m0, mean) + _sqdev_rows(x1, m1, mean)) + (
-            _sqdev_rows(x2, m2, mean) + _sqdev_rows(x3, m3, mean)
-        )
-        std = _sqrt64(_div64(sq, cnt64, LIB), LIB)
-        t = (clip * std).to(tl.float32)
-        x0 = _clip_quarter(x0, m0, t)
-        x1 = _clip_quarter(x1, m1, t)
-        x2 = _clip_quarter(x2, m2, t)
-        x3 = _clip_quarter(x3, m3, t)
-        s = _row_scales(x0, x1, x2, x3, LINF, LIB)
-    r = _reciprocal(s)
-
-    if NOISE:
-        u0 = tl.load(u_ptr + i0, mask=m0, other=0.0)
-        u1 = tl.load(u_ptr + i1, mask=m1, other=0.0)
-        u2 = tl.load(u_ptr + i2, mask=m2, other=0.0)
-        u3 = tl.load(u_ptr + i3, mask=m3, other=0.0)
+    if pid < n_even:
+        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
     else:
-        ctr = rows[:, None] * Q + tl.arange(0, Q)[None, :]
-        w0, w1, w2, w3 = tl.randint4x(seed, ctr, ROUNDS)
-        u0 = _uniform(w0)
-        u1 = _uniform(w1)
-        u2 = _uniform(w2)
-        u3 = _uniform(w3)
-
-    c0 = _round_quarter(x0, m0, good, r, u0, lv_ptr, pair_ptr, L, BITS, LIB)
-    c1 = _round_quarter(x1, m1, good, r, u1, lv_ptr, pair_ptr, L, BITS, LIB)
-    c2 = _round_quarter(x2, m2, good, r, u2, lv_ptr, pair_ptr, L, BITS, LIB)
-    c3 = _round_quarter(x3, m3, good, r, u3, lv_ptr, pair_ptr, L, BITS, LIB)
-
-    base_g = rows.to(tl.int64) * (D // 8)
-    _store_quarter(out_ptr, codes_off, c0, i0, base_g, rmask, ngroups, 0, Q, D, ROWS, BITS)
-    _store_quarter(out_ptr, codes_off, c1, i1, base_g, rmask, ngroups, 1, Q, D, ROWS, BITS)
-    _store_quarter(out_ptr, codes_off, c2, i2, base_g, rmask, ngroups, 2, Q, D, ROWS, BITS)
-    _store_quarter(out_ptr, codes_off, c3, i3, base_g, rmask, ngroups, 3, Q, D, ROWS, BITS)
-    _store_scales(out_ptr, rows, rmask, s, good)
+        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
 @triton.jit
@@ -542,14 +566,14 @@ def _quant_kernel(
 
 
 def _qpack_params(d: int) -> tuple[int, int, int]:
-    """(ROWS, Q, num_warps) of the "single" mode for bucket size ``d``."""
+    """(ROWS, G, num_warps) of the "single" mode for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
     warps = TUNING["qpack_warps_16k"] if elems > 8192 else TUNING["qpack_warps_8k"]
     if elems <= 2048:
         warps = min(warps, 4)
-    return rows, dp2 // 4, warps
+    return rows, dp2 // 8, warps
 
 
 def _split_params(d: int) -> dict[str, int]:
@@ -614,15 +638,15 @@ def quantize_pack(
             **extra3,
         )  # fmt: skip
     else:
-        rows, q, warps = _qpack_params(d)
+        rows, g, warps = _qpack_params(d)
         clip = float(config.clip) if config.clip is not None else 0.0
         clip_bits = int(torch.tensor(clip, dtype=torch.float64).view(torch.int64).item())
         extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
         grid = (max(1, -(-nb // rows)),)
         _qpack_kernel[grid](
             src, u, table.levels, table.pairs, head, out,
-            m, nb, ngroups, seed, clip_bits, codes_off,
-            D=d, Q=q, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
+            m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
+            D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
             LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
             LIB=not interp, ROUNDS=PHILOX_ROUNDS,
             **extra,
@@ -637,36 +661,77 @@ def quantize_pack(
 
 
 @triton.jit
-def _decode_one(
-    row, bucket, g, gm, e, em, lut_ptr, codes_off, D: tl.constexpr, BITS: tl.constexpr, SCALAR: tl.constexpr
-):
-    """``s_w * l[c_w]`` for the (G, 8) coordinates ``e`` of one payload starting at ``row``."""
-    if BITS == 8:
-        c = tl.load(row + codes_off + e, mask=em, other=0).to(tl.int32)
-    else:
-        gb = row + codes_off + g * BITS
-        if BITS <= 4:
-            word = tl.load(gb, mask=gm, other=0).to(tl.int32)
-            for i in tl.static_range(1, BITS):
-                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
-            c = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
-        else:
-            word = tl.load(gb, mask=gm, other=0).to(tl.int64)
-            for i in tl.static_range(1, BITS):
-                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
-            c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-    # the scale straight from its 4 payload bytes (little-endian; the payload may be unaligned)
+def _payload_scale(row, bucket, mask, SCALAR: tl.constexpr):
+    """The float32 scale of ``bucket`` straight from its 4 payload bytes (little-endian; may be unaligned)."""
     sp = row + HEADER + bucket * 4
     if SCALAR:
         sb = tl.load(sp).to(tl.int32)
         for i in tl.static_range(1, 4):
             sb = sb | (tl.load(sp + i).to(tl.int32) << (8 * i))
     else:
-        sb = tl.load(sp, mask=em, other=0).to(tl.int32)
+        sb = tl.load(sp, mask=mask, other=0).to(tl.int32)
         for i in tl.static_range(1, 4):
-            sb = sb | (tl.load(sp + i, mask=em, other=0).to(tl.int32) << (8 * i))
-    s = sb.to(tl.float32, bitcast=True)
-    return s * tl.load(lut_ptr + c)
+            sb = sb | (tl.load(sp + i, mask=mask, other=0).to(tl.int32) << (8 * i))
+    return sb.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode_one(
+    row, bucket, g, gm, e, em, lut_ptr, codes_off, D: tl.constexpr, BITS: tl.constexpr, SCALAR: tl.constexpr
+):
+    """``s_w * l[c_w]`` for the (G, 8) coordinates ``e`` of one payload starting at ``row`` (one lookup per code)."""
+    if BITS == 8:
+        c = tl.load(row + codes_off + e, mask=em, other=0).to(tl.int32)
+    else:
+        gb = row + codes_off + g * BITS
+        word = tl.load(gb, mask=gm, other=0).to(tl.int64)
+        for i in tl.static_range(1, BITS):
+            word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
+        c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+    return _payload_scale(row, bucket, em, SCALAR) * tl.load(lut_ptr + c)
+
+
+@triton.jit
+def _decode_pairs(row, bucket, g, gm, pair_ptr, codes_off, BITS: tl.constexpr, SCALAR: tl.constexpr, LIB: tl.constexpr):
+    """``s_w * l[c]`` of one payload as two (G, 4) halves: codes ``8g + 2k`` and ``8g + 2k + 1``.
+
+    One 8-byte lookup in the two-code table per pair of codes (``BITS <= 4``).
+    """
+    gb = row + codes_off + g * BITS
+    word = tl.load(gb, mask=gm, other=0).to(tl.int32)
+    for i in tl.static_range(1, BITS):
+        word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
+    idx = (word[:, None] >> (tl.arange(0, 4) * (2 * BITS))[None, :]) & ((1 << (2 * BITS)) - 1)
+    lo_b, hi_b = _gather_pair(pair_ptr, idx, LIB)
+    if SCALAR:
+        s = _payload_scale(row, bucket, gm, SCALAR)
+    else:
+        s = _payload_scale(row, bucket, gm, SCALAR)[:, None]
+    return s * lo_b.to(tl.float32, bitcast=True), s * hi_b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _header_mismatches(p_ptr, stride, want, hb, hm, w0, n_w, HW: tl.constexpr):
+    rows = w0 + tl.arange(0, HW)
+    m2 = (rows < n_w)[:, None] & hm[None, :]
+    got = tl.load(p_ptr + rows.to(tl.int64)[:, None] * stride + hb[None, :], mask=m2, other=0)
+    return tl.sum(tl.sum((m2 & (got != want[None, :])).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _headers_differ(p_ptr, stride, head_ptr, n_w, UNROLL: tl.constexpr, HW: tl.constexpr):
+    """Whether any of the ``n_w`` payload headers differs from the expected 40 bytes (``HW`` rows at a time)."""
+    hb = tl.arange(0, 64)
+    hm = hb < HEADER
+    want = tl.load(head_ptr + hb, mask=hm, other=0)
+    nbad = 0
+    if UNROLL > 0:
+        for w0 in tl.static_range(0, UNROLL, HW):
+            nbad += _header_mismatches(p_ptr, stride, want, hb, hm, w0, n_w, HW)
+    else:
+        for w0 in range(0, n_w, HW):
+            nbad += _header_mismatches(p_ptr, stride, want, hb, hm, w0, n_w, HW)
+    return nbad > 0
 
 
 @triton.jit
@@ -674,7 +739,10 @@ def _decode_sum_kernel(
     p_ptr,
     stride_w,
     lut_ptr,
+    pair_ptr,
     out_ptr,
+    head_ptr,
+    flag_ptr,
     m,
     ngroups,
     codes_off,
@@ -685,7 +753,12 @@ def _decode_sum_kernel(
     BLOCK: tl.constexpr,
     UNROLL: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    PAIR: tl.constexpr,
+    LIB: tl.constexpr,
+    CHECK: tl.constexpr,
+    HW: tl.constexpr,
 ):
+    """Sum over payloads in order ``w = 0 .. W-1`` in float32 (``acc = s_0 * l``, then ``acc + s_w * l``), then ``* scale``."""
     pid = tl.program_id(0)
     G: tl.constexpr = BLOCK // 8
     SCALAR: tl.constexpr = D % BLOCK == 0
@@ -693,21 +766,53 @@ def _decode_sum_kernel(
     gm = g < ngroups
     e = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     em = e < m
-    if SCALAR:
-        bucket = (pid.to(tl.int64) * BLOCK) // D
-    else:
-        bucket = e // D
     stride = stride_w.to(tl.int64)
-    acc = tl.zeros((G, 8), tl.float32)
-    if UNROLL > 0:
-        for w in tl.static_range(UNROLL):
-            acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+    if CHECK:
+        bad = _headers_differ(p_ptr, stride, head_ptr, n_w, UNROLL, HW)
+        tl.store(flag_ptr, 1, mask=bad & (pid == 0))
     else:
-        for w in range(n_w):
-            acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
-    if HAS_SCALE:
-        acc = acc * scale
-    tl.store(out_ptr + e, acc, mask=em)
+        bad = False
+    if PAIR:
+        if SCALAR:
+            bucket = (pid.to(tl.int64) * BLOCK) // D
+        else:
+            bucket = (g * 8) // D
+        lo, hi = _decode_pairs(p_ptr, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
+        if UNROLL > 0:
+            for w in tl.static_range(1, UNROLL):
+                a, b = _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
+                lo = lo + a
+                hi = hi + b
+        else:
+            for w in range(1, n_w):
+                a, b = _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
+                lo = lo + a
+                hi = hi + b
+        # element 8g + 2k + t of (G, 4, 2): 8-byte stores, and each group stays in one thread
+        e3 = g[:, None, None] * 8 + (tl.arange(0, 4) * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
+        acc3 = tl.join(lo, hi)
+        if HAS_SCALE:
+            acc3 = acc3 * scale
+        if CHECK:
+            acc3 = tl.where(bad, float("nan"), acc3)
+        tl.store(out_ptr + e3, acc3, mask=e3 < m)
+    else:
+        if SCALAR:
+            bucket = (pid.to(tl.int64) * BLOCK) // D
+        else:
+            bucket = e // D
+        acc = _decode_one(p_ptr, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+        if UNROLL > 0:
+            for w in tl.static_range(1, UNROLL):
+                acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+        else:
+            for w in range(1, n_w):
+                acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+        if HAS_SCALE:
+            acc = acc * scale
+        if CHECK:
+            acc = tl.where(bad, float("nan"), acc)
+        tl.store(out_ptr + e, acc, mask=em)
 
 
 #: W up to this is unrolled at compile time (one compilation per W); larger W loops at run time
@@ -723,10 +828,14 @@ def decode_sum(
     codes_off: int,
     out: torch.Tensor,
     scale: float,
+    check: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write ``scale * sum_w s_w * l[c_w]`` of the ``m`` quantized coordinates into ``out[:m]``.
 
-    ``payloads`` uint8 (W, P) with checked headers (rows may start at any byte).
+    ``payloads`` uint8 (W, P) (rows may start at any byte). ``check``: None
+    (headers checked by the caller), or ``(head, flag)``: the expected 40-byte
+    header (uint8) and an int32 flag, both on the device; if any payload's
+    header differs, every output is NaN and ``flag[0]`` is set to 1.
     """
     w_count = payloads.shape[0]
     if payloads.stride(1) != 1:
@@ -736,10 +845,13 @@ def decode_sum(
     interp = _interpret()
     extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["decode_warps"]), "enable_fp_fusion": False}
     grid = (-(-m // block),)
+    pair = table.code_pairs.numel() > 0
+    head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
     _decode_sum_kernel[grid](
-        payloads, stride, table.lookup, out,
+        payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
         m, -(-m // 8), codes_off, scale, w_count,
         D=config.bucket_size, BITS=config.code_bits, BLOCK=block,
         UNROLL=w_count if w_count <= MAX_UNROLL or interp else 0, HAS_SCALE=scale != 1.0,
+        PAIR=pair, LIB=not interp, CHECK=check is not None, HW=min(16, _next_pow2(w_count)),
         **extra,
     )  # fmt: skip

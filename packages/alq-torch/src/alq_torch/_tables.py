@@ -43,6 +43,10 @@ class LevelTable:
         float32 bits of ``levels[j]`` in its low 32 bits and those of
         ``inv_gap[j] = float32(1 / (levels[j+1] - levels[j]))`` in its high 32 bits
         (one 8-byte load gives both); zero beyond.
+    code_pairs : Tensor of int64, shape (2**(2 * code_bits),)
+        For decoding two codes with one load (``code_bits <= 4``; empty above):
+        entry ``a | (b << code_bits)`` holds the float32 bits of ``lookup[a]``
+        in its low 32 bits and those of ``lookup[b]`` in its high 32 bits.
     """
 
     host: NDArray[np.float32]
@@ -50,6 +54,7 @@ class LevelTable:
     levels: torch.Tensor
     lookup: torch.Tensor
     pairs: torch.Tensor
+    code_pairs: torch.Tensor
 
 
 _TABLES: OrderedDict[tuple[bytes, int, str], LevelTable] = OrderedDict()
@@ -110,6 +115,7 @@ def level_table(levels: object, config: QuantizerConfig, device: torch.device) -
         levels=torch.from_numpy(host.copy()).to(device),
         lookup=torch.from_numpy(lookup).to(device),
         pairs=torch.from_numpy(level_pairs(host, config.code_bits)).to(device),
+        code_pairs=torch.from_numpy(code_pairs(lookup, config.code_bits)).to(device),
     )
     with _LOCK:
         _TABLES[key] = table
@@ -126,6 +132,21 @@ def level_pairs(host: NDArray[np.float32], code_bits: int) -> NDArray[np.int64]:
     out = np.zeros(1 << code_bits, dtype=np.uint64)
     out[: host.size - 1] = lo | (hi << np.uint64(32))
     return out.view(np.int64)
+
+
+#: Largest code width with a two-code decode table (2**(2*4) entries = 2 KiB).
+MAX_PAIR_BITS = 4
+
+
+def code_pairs(lookup: NDArray[np.float32], code_bits: int) -> NDArray[np.int64]:
+    """Two-code decode table (see :class:`LevelTable`); empty when ``code_bits > MAX_PAIR_BITS``."""
+    if code_bits > MAX_PAIR_BITS:
+        return np.zeros(0, dtype=np.int64)
+    bits = lookup.view(np.uint32).astype(np.uint64)
+    lo = np.tile(bits, bits.size)  # entry a | (b << code_bits): a varies fastest
+    hi = np.repeat(bits, bits.size)
+    out: NDArray[np.int64] = (lo | (hi << np.uint64(32))).view(np.int64)
+    return out
 
 
 def header_tensor(

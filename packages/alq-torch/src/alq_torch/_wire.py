@@ -368,7 +368,7 @@ def decode_sum(
     table_version: int | None = None,
     out: torch.Tensor | None = None,
     scale: float = 1.0,
-    check_headers: bool = True,
+    check_headers: bool | torch.Tensor = True,
 ) -> torch.Tensor:
     """Decode ``W`` payloads and sum them: ``scale * sum_w dequantize(decode(payloads[w]))``.
 
@@ -386,11 +386,14 @@ def decode_sum(
         Written in place and returned.
     scale : float
         Factor applied to the sum in float32 (``1/W`` averages).
-    check_headers : bool
-        With True (default) the W headers are copied to the host and checked
-        (a device synchronization on CUDA). With False nothing is checked and
-        nothing synchronizes: the caller vouches for the headers (the DDP hook
-        compares them on the device itself).
+    check_headers : bool or Tensor
+        True (default): the W headers are copied to the host and checked (a
+        device synchronization on CUDA). False: not checked; the caller vouches
+        for them. A *flag*, an int32 tensor of shape (1,) on the payloads'
+        device: the headers are compared on the device with the expected one
+        (``table_version`` required) and nothing synchronizes; if any differs,
+        the whole result is NaN and ``flag[0]`` is set to 1 (never cleared
+        here). The DDP hook reads its flags once per round.
 
     Returns
     -------
@@ -421,12 +424,13 @@ def decode_sum(
     if w_count == 0:
         msg = "`payloads` must hold at least one payload; got W = 0"
         raise ValueError(msg)
-    if check_headers:
+    device_check: tuple[torch.Tensor, torch.Tensor] | None = None
+    if isinstance(check_headers, torch.Tensor):
+        device_check = (_expected_header(config, table, n, table_version, device), _check_flag(check_headers, device))
+    elif check_headers:
         _check_headers(payloads, config, table, n, table_version)
-    elif length != payload_size(config, n):
-        kind = "truncated" if length < payload_size(config, n) else "oversized"
-        msg = f"payloads {kind}: {length} bytes each, but n = {n} elements need {payload_size(config, n)}"
-        raise PayloadError(msg)
+    if not isinstance(check_headers, bool) or not check_headers:
+        _check_length(length, config, n)
     if out is not None:
         out = _check_out(out, n, device, torch.float32, "the sum")
     else:
@@ -441,13 +445,15 @@ def decode_sum(
 
         if _kernels.decode_supported(config):
             assert table is not None
-            _kernels.decode_sum(payloads, table, config, m, off_codes, out, scale32)
+            _kernels.decode_sum(payloads, table, config, m, off_codes, out, scale32, device_check)
             if n > m:
                 tails = _bytes_f32(payloads[:, off_tail:])
                 tsum = tails[0].clone()
                 for w in range(1, w_count):
                     tsum = tsum + tails[w]
                 out[m:].copy_(tsum * scale32 if scale32 != 1.0 else tsum)
+                if device_check is not None:
+                    _poison_if_bad(payloads, device_check, out[m:])
             return out
     acc: torch.Tensor | None = None
     for w in range(w_count):
@@ -455,7 +461,43 @@ def decode_sum(
         acc = part if acc is None else acc + part
     assert acc is not None
     out.copy_(acc * scale32 if scale32 != 1.0 else acc)
+    if device_check is not None:
+        _poison_if_bad(payloads, device_check, out)
     return out
+
+
+def _check_length(length: int, config: QuantizerConfig, n: int) -> None:
+    if length != payload_size(config, n):
+        kind = "truncated" if length < payload_size(config, n) else "oversized"
+        msg = f"payloads {kind}: {length} bytes each, but n = {n} elements need {payload_size(config, n)}"
+        raise PayloadError(msg)
+
+
+def _expected_header(
+    config: QuantizerConfig, table: LevelTable | None, n: int, table_version: int | None, device: torch.device
+) -> torch.Tensor:
+    if table_version is None:
+        msg = "checking headers on the device (`check_headers` given a flag tensor) needs `table_version`; got None"
+        raise ValueError(msg)
+    return header_tensor(config, n, _check_table_version(table_version), table.crc if table else 0, device)
+
+
+def _check_flag(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != device or not flag.is_contiguous():
+        msg = (
+            f"a header-check flag must be a contiguous int32 tensor of one element on {device}; "
+            f"got {flag.dtype} with shape {tuple(flag.shape)} on {flag.device}"
+        )
+        raise ValueError(msg)
+    return flag
+
+
+def _poison_if_bad(payloads: torch.Tensor, check: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+    """Device-side header comparison with torch ops (no synchronization): NaN ``out`` and set the flag on mismatch."""
+    head, flag = check
+    bad = (payloads[:, :HEADER_SIZE] != head).any()
+    flag.view(()).masked_fill_(bad, 1)
+    out.masked_fill_(bad, float("nan"))
 
 
 def _check_headers(
