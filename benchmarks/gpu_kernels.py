@@ -14,8 +14,7 @@ and 16384, all in one run and with medians of ``triton.testing.do_bench``
     quantize -> dequantize; see :func:`naive_quantize_dequantize` for exactly what
     it runs), and for context a leaner variant whose search is one bucketize;
 (b) the fused quantize+pack kernel (``alq_torch.quantize_encode``), with device
-    noise and with given noise, and a sweep of its launch modes and widths
-    ("single": one program per bucket; "split": scale pass + wide quantize pass);
+    noise and with given noise, and a sweep of its widths and register caps;
 (c) decode+average of W = 2, 4, 8 payloads (``alq_torch.decode_sum``: the API
     with its host header check, the API with ``check_headers=False`` as the DDP
     hook called it before, the API with a device-side header check (a flag
@@ -261,12 +260,9 @@ def main() -> None:
             sweep: dict[str, Any] = {}
             saved = dict(_kernels.TUNING)
             variants: list[dict[str, Any]] = [
-                {"qpack_mode": "single", "qpack_warps_8k": w, "qpack_warps_16k": w} for w in (4, 8, 16, 32)
-            ]
-            variants += [
-                {"qpack_mode": "split", "quant_block": blk, "quant_warps": w, "scale_block": 4096, "quant_reverse": 1}
-                for blk in (2048, 4096)
-                for w in (4, 8)
+                {"qpack_warps_8k": w, "qpack_warps_16k": w, "qpack_maxnreg": r}
+                for w in (4, 8, 16, 32)
+                for r in (0, 64, 96)
             ]
             for var in variants:
                 name = ",".join(f"{k}={v}" for k, v in var.items())
@@ -374,10 +370,10 @@ def main() -> None:
             if not args.no_sweep and CUDA:
                 dsweep: dict[str, Any] = {}
                 saved = dict(_kernels.TUNING)
-                for blk in (2048, 4096):
-                    for warps in (4, 8):
-                        name = f"decode_block={blk},decode_warps={warps}"
-                        _kernels.TUNING.update({"decode_block": blk, "decode_warps": warps})
+                for blk in (1024, 2048, 4096):
+                    for warps, pairs in ((4, 1), (8, 1), (4, 0), (8, 0)):
+                        name = f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}"
+                        _kernels.TUNING.update({"decode_block": blk, "decode_warps": warps, "decode_pairs": pairs})
                         try:
                             _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32)
                             assert torch.equal(avg, trusted), "sum differs"

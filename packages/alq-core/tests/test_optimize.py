@@ -33,12 +33,18 @@ def test_alq_first_order_conditions_and_monotone_sweeps(model, bits, order):
     assert res.variance == pytest.approx(expected_variance(lv, model), rel=1e-12)
     g = variance_gradient(lv, model)[1:-1]
     # scale of h'(l_i): the mass next to the level times the interval width
-    scale = np.array([float(model.partial_moments(lv[i - 1], lv[i + 1])[0]) * (lv[i + 1] - lv[i - 1]) for i in range(1, lv.size - 1)])
+    scale = np.array(
+        [float(model.partial_moments(lv[i - 1], lv[i + 1])[0]) * (lv[i + 1] - lv[i - 1]) for i in range(1, lv.size - 1)]
+    )
     assert np.all(np.abs(g) <= 1e-6 * scale + 1e-15), (g, scale)
 
 
-@given(st.integers(0, 2**32 - 1), st.sampled_from([64, 8192]), st.sampled_from([2, 3]),
-       st.sampled_from(["uniform", "exponential", "quantile"]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([64, 8192]),
+    st.sampled_from([2, 3]),
+    st.sampled_from(["uniform", "exponential", "quantile"]),
+)
 @settings(max_examples=6)
 def test_exact_update_never_worse_than_gd_from_the_same_start(seed, d, bits, init):
     # Realistic (unimodal) bucket statistics. On strongly multimodal mixtures the two rules can

@@ -11,8 +11,11 @@ from scipy.integrate import quad
 
 def _tables(rng, bits):
     inner = np.sort(rng.uniform(-1, 1, 2**bits - 2))
-    return [np.concatenate([[-1.0], inner, [1.0]]), uniform_levels(bits).astype(np.float64),
-            exponential_levels(bits, 0.3).astype(np.float64)]
+    return [
+        np.concatenate([[-1.0], inner, [1.0]]),
+        uniform_levels(bits).astype(np.float64),
+        exponential_levels(bits, 0.3).astype(np.float64),
+    ]
 
 
 @pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
@@ -23,9 +26,22 @@ def test_expected_variance_matches_quadrature(model, seed, bits):
     for lv in _tables(rng, bits):
         want = 0.0
         for lo, hi in itertools.pairwise(lv):
-            pts = sorted({p for p in np.concatenate([model.means, model.means + model.stds, model.means - model.stds]) if lo < p < hi})[:50]
-            want += quad(lambda x, lo=lo, hi=hi: (x - lo) * (hi - x) * model.pdf(x), lo, hi, points=pts or None,
-                         epsabs=0, epsrel=1e-13, limit=1000)[0]
+            pts = sorted(
+                {
+                    p
+                    for p in np.concatenate([model.means, model.means + model.stds, model.means - model.stds])
+                    if lo < p < hi
+                }
+            )[:50]
+            want += quad(
+                lambda x, lo=lo, hi=hi: (x - lo) * (hi - x) * model.pdf(x),
+                lo,
+                hi,
+                points=pts or None,
+                epsabs=0,
+                epsrel=1e-13,
+                limit=1000,
+            )[0]
         assert abs(expected_variance(lv, model) - want) <= 1e-8 * want + 1e-300
 
 

@@ -94,7 +94,21 @@ def _payload(config=None, n=100):
 
 
 def _reheader(payload, **fields):
-    names = ["magic", "version", "method", "bits", "norm", "tail", "flags", "reserved", "d", "n", "tver", "tcrc", "hcrc"]
+    names = [
+        "magic",
+        "version",
+        "method",
+        "bits",
+        "norm",
+        "tail",
+        "flags",
+        "reserved",
+        "d",
+        "n",
+        "tver",
+        "tcrc",
+        "hcrc",
+    ]
     from alq_core._wire import HEADER
 
     values = dict(zip(names, HEADER.unpack(payload[:HEADER_SIZE])))

@@ -192,9 +192,13 @@ def test_device_noise_is_deterministic_and_unbiased(kernels: dict[str, int]) -> 
         ("qsgd", 1, "quantize"),
     ],
 )
+@pytest.mark.parametrize("pairs", [1, 0])
 def test_decode_sum_kernel_matches_composition(
-    kernels: dict[str, int], w: int, method: str, bits: int, tail: str
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, w: int, method: str, bits: int, tail: str, pairs: int
 ) -> None:
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "decode_pairs", pairs)
     config = QuantizerConfig(method, bits=bits, bucket_size=96, tail=tail, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000
@@ -229,7 +233,7 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     assert kernels["quantize_pack"] == 0
 
 
-@pytest.mark.parametrize(("mode", "block"), [("single", 0), ("split", 32), ("split", 2048)])
+@pytest.mark.parametrize("elems", [4096, 64])
 @pytest.mark.parametrize(
     "config",
     [
@@ -240,15 +244,13 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
         QuantizerConfig("qsgd", bits=8, bucket_size=96),
     ],
 )
-def test_launch_modes_match_core(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, mode: str, block: int, config: QuantizerConfig
+def test_program_shapes_match_core(
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, elems: int, config: QuantizerConfig
 ) -> None:
+    """Several buckets per program or one; unmasked full-bucket programs and the masked last one."""
     from alq_torch import _kernels
 
-    monkeypatch.setitem(_kernels.TUNING, "qpack_mode", mode)
-    if block:
-        monkeypatch.setitem(_kernels.TUNING, "quant_block", block)
-        monkeypatch.setitem(_kernels.TUNING, "scale_block", 64)  # several chunks per bucket
+    monkeypatch.setitem(_kernels.TUNING, "qpack_elems", elems)
     x = _x(7 * config.bucket_size + 45, seed=config.bits)
     x[3] = float("nan")  # a non-finite first bucket
     x[config.bucket_size : 2 * config.bucket_size] = 0.0  # a zero bucket
@@ -264,24 +266,6 @@ def test_launch_modes_match_core(
     a = quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5)
     assert torch.equal(a, quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5))
     assert kernels["quantize_pack"] == 3
-
-
-def test_split_mode_device_noise_stays_in_bracket(kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    from alq_torch import _kernels
-
-    monkeypatch.setitem(_kernels.TUNING, "qpack_mode", "split")
-    monkeypatch.setitem(_kernels.TUNING, "quant_block", 256)
-    config = QuantizerConfig("alq", bits=3, bucket_size=512)
-    levels = default_levels(config)
-    n = 4096
-    x = _x(n, seed=3)
-    codes = alq_core.decode(quantize_encode(x.to(DEVICE), levels, config, seed=77).cpu().numpy()).codes
-    host = x.numpy()
-    down = alq_core.quantize(host, levels, config, noise=np.full(n, np.nextafter(np.float32(1), np.float32(0)))).codes
-    up = alq_core.quantize(host, levels, config, noise=np.zeros(n, np.float32)).codes
-    assert np.all((codes == down) | (codes == up))
-    frac = float(np.mean(codes[up != down] != down[up != down]))
-    assert 0.3 < frac < 0.7, f"fraction rounded up {frac}"
 
 
 @pytest.mark.parametrize(("w", "block"), [(3, 64), (20, 2048), (20, 64)])
@@ -400,21 +384,16 @@ assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" no
 assert "fma.rn.f32" not in ptx, "fused multiply-add"
 assert "sqrt.rn.f64" in ptx, "float64 square root not correctly rounded"
 assert "ld.global.nc.v2.b32" in ptx, "level pair gather"
-qsig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "r_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*u8",
-        "m": "i32", "ngroups": "i32", "nblocks": "i32", "seed": "i64", "codes_off": "i32"}
-qk = build(_kernels._quant_kernel, qsig, {"D": 8192, "BLOCK": 2048, "BITS": 3, "L": 8, "NOISE": False,
-                                          "ROUNDS": _kernels.PHILOX_ROUNDS, "REVERSE": True, "LIB": True}, 4)
-qptx = qk.asm["ptx"]
-assert "fma.rn.f32" not in qptx and "div." not in qptx.replace("div.rn.f64", ""), "per-element division or FMA"
-fsig = {"part_ptr": "*fp64", "head_ptr": "*u8", "out_ptr": "*u8", "r_ptr": "*fp32", "nb": "i32"}
-fk = build(_kernels._scale_finalize_kernel, fsig, {"C": 2, "CP": 2, "FB": 128, "LINF": False, "LIB": True}, 4)
-assert "div.rn.f32" in fk.asm["ptx"] and "sqrt.rn.f64" in fk.asm["ptx"], "inexact reciprocal or square root"
-dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*fp32", "m": "i32",
-        "ngroups": "i32", "codes_off": "i32", "scale": "fp32", "n_w": "i32"}
-for pair, bits in ((True, 3), (False, 6)):
-    dconsts = {"D": 8192, "BITS": bits, "BLOCK": 2048, "UNROLL": 4, "HAS_SCALE": True, "PAIR": pair, "LIB": True}
+assert ptx.count("div.rn.f32") == 2, "a per-element division (the only ones: r = 1/s on both paths)"
+dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*fp32",
+        "head_ptr": "*u8", "flag_ptr": "*i32", "m": "i32", "ngroups": "i32", "codes_off": "i32", "scale": "fp32",
+        "n_w": "i32"}
+for pair, bits, unroll in ((True, 3, 4), (False, 6, 4), (True, 2, 0)):
+    dconsts = {"D": 8192, "BITS": bits, "BLOCK": 2048, "UNROLL": unroll, "HAS_SCALE": True, "PAIR": pair,
+               "LIB": True, "CHECK": True, "HW": 4}
     dk = build(_kernels._decode_sum_kernel, dsig, dconsts, 4)
     assert "fma.rn.f32" not in dk.asm["ptx"], "decode_sum fuses acc + s * l"
+    assert pair == ("ld.global.nc.v2.b32" in dk.asm["ptx"]), "two-code lookup"
 print("OK")
 """
 

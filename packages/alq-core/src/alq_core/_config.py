@@ -79,9 +79,7 @@ class QuantizerConfig:
             raise ValueError(msg)
         clip = spec.clip if self.clip == "auto" else self.clip
         if clip is not None:
-            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (
-                math.isfinite(clip) and clip > 0
-            ):
+            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
                 msg = f"`clip` must be a positive number of standard deviations, None or 'auto'; got {self.clip!r}"
                 raise ValueError(msg)
             clip = float(clip)

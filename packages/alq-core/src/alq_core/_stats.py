@@ -279,9 +279,7 @@ def compute_stats(
         skipped += 1 if tail else 0
     cat = [np.concatenate(v) if v else np.zeros(0) for v in (norms, means, stds, sizes)]
     stats = GradientStats.from_buckets(*cat, dist_num=dist_num, weights=weights)
-    return GradientStats(
-        stats.norms, stats.means, stats.stds, stats.sizes, dist_num, weights, stats.skipped + skipped
-    )
+    return GradientStats(stats.norms, stats.means, stats.stds, stats.sizes, dist_num, weights, stats.skipped + skipped)
 
 
 def merge_stats(parts: Sequence[GradientStats]) -> GradientStats:

@@ -285,7 +285,9 @@ def check_header(
         msg = f"level-table version mismatch: payload has {header.table_version}, reader has {table_version}"
         raise PayloadError(msg)
     if table_crc is not None and cfg.quantized and table_crc != header.table_crc:
-        msg = f"level-table checksum mismatch (payload {header.table_crc:#010x}): sender and reader use different levels"
+        msg = (
+            f"level-table checksum mismatch (payload {header.table_crc:#010x}): sender and reader use different levels"
+        )
         raise PayloadError(msg)
     expected = payload_size(cfg, n)
     if length != expected:

@@ -12,36 +12,29 @@ coordinate only ``v = x * r``, a clamp, comparisons with the interior levels,
 ``p = (v - l_j) * inv_gap_j`` and ``u < p``. Compiled with
 ``enable_fp_fusion=False`` so no multiply-add is contracted.
 
-quantize + pack has two launch modes (``TUNING["qpack_mode"]``):
+quantize + pack (``_qpack_kernel``): one program per bucket (several small
+buckets per program), the bucket read once into registers as two
+``(ROWS, G, 4)`` halves of the same layout: group ``g`` (elements ``8g .. 8g+7``)
+lives in one thread, so its noise, rounding and packing need no exchange
+between threads; only the per-bucket reduction crosses threads (after each
+thread has reduced its own groups). Programs holding only full buckets take an
+unmasked path (vectorized loads); the last, partial bucket a masked one.
 
-``"split"`` (configurations without clipping)
-    1. ``_scale_partial_kernel``: many small programs, each reduces one chunk of
-       one bucket to a float64 partial (sum of squares, or max ``|x|``);
-    2. ``_scale_finalize_kernel``: per bucket, sums its partials in a fixed
-       order, writes the scale bytes and the header into the payload and
-       ``r`` (NaN for a non-finite bucket) into a small device buffer;
-    3. ``_quant_kernel``: a wide grid of small element blocks (walked in reverse
-       so the first blocks hit what the scale pass left in L2) rounds with
-       ``r`` and packs 8 codes into ``bits`` bytes.
-    ``x`` is read twice, but every program is short, light on registers and
-    many run per SM, so the loads stay in flight.
-
-``"single"`` (default; always used with clipping)
-    one program per bucket (several small buckets per program): the bucket is
-    read once into registers, reduced, clipped if asked, rounded and packed.
-
-Device noise: Philox4x32 (``tl.randint4x``, ``PHILOX_ROUNDS`` rounds) on one
-counter per 4 coordinates, all 4 outputs used (a block is processed as 4
-contiguous quarters; output ``k`` feeds quarter ``k``). A 32-bit output ``w``
-becomes ``u = bitcast((w >> 9) | 0x3F800000) - 1``: uniform on the multiples
-of ``2**-23`` in [0, 1), without an integer-to-float conversion. The noise
-depends on the seed, the element index, the launch mode and block size: it is
-deterministic for a seed and a tuning, and never compared to the core.
+Device noise: one Philox4x32 call (``tl.randint4x``, ``PHILOX_ROUNDS`` rounds)
+per 8-code group, counter = the group's index; each 32-bit output gives two
+16-bit uniforms ``(k + 1/2) / 2**16`` (bit patterns ORed into the exponent of
+1.0, minus 1: exact, no integer-to-float conversion). Rounding up then happens
+with a probability within ``2**-17`` of ``p`` (a bias below ``2**-17`` of a level
+gap per coordinate, far below the quantization variance). The noise depends on
+the seed and the element index only: deterministic for a seed, never compared
+to the core.
 
 ``decode_sum`` reads, for a block of 8-code groups, the packed bytes and the
 scale of every payload (the scale straight from the payload bytes: no copy),
-looks the level up and accumulates ``acc + s * l`` in float32, and writes the
-(scaled) sum once.
+looks the levels up (two codes per 8-byte lookup when ``code_bits <= 4``),
+sums ``s_w * l`` in float32 in payload order, and writes the (scaled) sum once.
+Given an expected header and a flag, it also compares every payload's header
+on the device and writes NaN (and sets the flag) on a mismatch.
 
 Both kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
 """
@@ -49,6 +42,7 @@ Both kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import torch
@@ -60,27 +54,22 @@ from triton.language.extra import libdevice
 from ._tables import LevelTable
 
 HEADER_BYTES = 40
-#: Largest bucket (rounded up to a power of two) held in one program's registers ("single" mode).
+#: Largest bucket (rounded up to a power of two) held in one program's registers.
 MAX_FUSED_BUCKET = 16384
 #: Philox rounds of the device noise (Philox4x32-7 passes BigCrush; 10 is Random123's default).
 PHILOX_ROUNDS = 7
 
 #: Launch parameters; benchmarks may override them.
 TUNING: dict[str, Any] = {
-    "qpack_mode": "single",  # "single" (one program per bucket) or "split" (scale pass + wide quantize pass)
-    # "single" mode
-    "qpack_elems": 4096,  # minimum elements per program (several small buckets per program)
+    # quantize + pack: one program per bucket (several small buckets per program)
+    "qpack_elems": 4096,  # minimum elements per program
     "qpack_warps_8k": 8,  # num_warps for buckets of <= 8192 elements per program
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
-    # "split" mode
-    "scale_block": 4096,  # elements per program of the scale pass (power of two)
-    "scale_warps": 8,
-    "quant_block": 2048,  # elements per program of the quantize pass (power of two, >= 32)
-    "quant_warps": 4,
-    "quant_reverse": 1,  # walk the quantize pass backwards (L2 reuse of the scale pass's last reads)
+    "qpack_maxnreg": 0,  # register cap per thread (0: the compiler's choice)
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
+    "decode_pairs": 1,  # look two codes up at once (code_bits <= 4): 1, or one lookup per code: 0
 }
 
 
@@ -128,18 +117,6 @@ def _div64(a, b, LIB: tl.constexpr):
 
 
 @triton.jit
-def _absmax_rows(x):
-    # NaN counts as +inf so that a NaN bucket is always marked non-finite
-    return tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
-
-
-@triton.jit
-def _sumsq_rows(x):
-    x64 = x.to(tl.float64)
-    return tl.sum(x64 * x64, axis=1)
-
-
-@triton.jit
 def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
     """Per-row scale of two (ROWS, G, 4) halves: max |x| (NaN as +inf), or float32(sqrt(sum of x**2 in float64)).
 
@@ -176,12 +153,6 @@ def _sqdev_groups(x, mask, mean):
 @triton.jit
 def _clip_half(x, mask, t):
     return tl.where(mask, tl.minimum(tl.maximum(x, -t[:, None, None]), t[:, None, None]), 0.0)
-
-
-@triton.jit
-def _uniform(w):
-    """23 random bits of a uint32 as a float32 in [0, 1): exponent of 1.0 ORed in, minus 1 (exact)."""
-    return ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
 
 
 @triton.jit
@@ -399,7 +370,7 @@ def _qpack_kernel(
     D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
 ):  # fmt: skip
-    """Single mode: ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
+    """ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
     if pid < n_even:
@@ -410,163 +381,8 @@ def _qpack_kernel(
                     D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-@triton.jit
-def _scale_partial_kernel(
-    x_ptr,
-    part_ptr,
-    m,
-    nb,
-    D: tl.constexpr,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
-    C: tl.constexpr,
-    LINF: tl.constexpr,
-):
-    """Split mode, pass 1: chunk ``c`` of buckets ``rows`` -> float64 partial (sum of squares or max |x|)."""
-    pid = tl.program_id(0)
-    rg = pid // C
-    c = pid % C
-    rows = rg * ROWS + tl.arange(0, ROWS)
-    cols = c * COLS + tl.arange(0, COLS)
-    idx = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    rmask = rows < nb
-    mask = rmask[:, None] & (cols < D)[None, :] & (idx < m)
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if LINF:
-        part = _absmax_rows(x).to(tl.float64)
-    else:
-        part = _sumsq_rows(x)
-    tl.store(part_ptr + rows * C + c, part, mask=rmask)
-
-
-@triton.jit
-def _scale_finalize_kernel(
-    part_ptr,
-    head_ptr,
-    out_ptr,
-    r_ptr,
-    nb,
-    C: tl.constexpr,
-    CP: tl.constexpr,
-    FB: tl.constexpr,
-    LINF: tl.constexpr,
-    LIB: tl.constexpr,
-):
-    """Split mode, pass 2: per bucket, partials -> scale (payload bytes) and reciprocal (device buffer)."""
-    pid = tl.program_id(0)
-    _store_header(out_ptr, head_ptr, pid)
-    b = pid * FB + tl.arange(0, FB)
-    bmask = b < nb
-    cc = tl.arange(0, CP)
-    pm = bmask[:, None] & (cc < C)[None, :]
-    pv = tl.load(part_ptr + b[:, None] * C + cc[None, :], mask=pm, other=0.0)
-    if LINF:
-        s = tl.max(pv, axis=1).to(tl.float32)
-    else:
-        s = _sqrt64(tl.sum(pv, axis=1), LIB).to(tl.float32)
-    good = s < float("inf")
-    _store_scales(out_ptr, b, bmask, s, good)
-    tl.store(r_ptr + b, _reciprocal(s), mask=bmask)
-
-
-@triton.jit
-def _pack_groups(out_ptr, codes_off, code, gidx, ngroups, BITS: tl.constexpr):
-    """Pack (G, 8) codes of the 8-code groups ``gidx`` LSB-first: ``BITS`` bytes per group."""
-    sh = tl.arange(0, 8) * BITS
-    if BITS <= 3:
-        word = tl.sum(code << sh[None, :], axis=1)
-    else:
-        word = tl.sum(code.to(tl.int64) << sh.to(tl.int64)[None, :], axis=1)
-    dst = out_ptr + codes_off + gidx * BITS
-    gmask = gidx < ngroups
-    for i in tl.static_range(BITS):
-        tl.store(dst + i, ((word >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
-
-
-@triton.jit
-def _quant_part(
-    x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w, e0, m, ngroups, codes_off,
-    D: tl.constexpr, Q: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
-    NOISE: tl.constexpr, SCALAR: tl.constexpr, LIB: tl.constexpr,
-):  # fmt: skip
-    """Quarter ``e0 .. e0 + Q`` as (Q/8, 8) groups: round, then pack (no layout change before the sum)."""
-    G: tl.constexpr = Q // 8
-    gidx = e0 // 8 + tl.arange(0, G)
-    e = e0 + (tl.arange(0, G)[:, None] * 8 + tl.arange(0, 8)[None, :])
-    em = e < m
-    x = tl.load(x_ptr + e, mask=em, other=0.0).to(tl.float32)
-    if SCALAR:
-        r = rb
-    else:
-        r = tl.load(r_ptr + e // D, mask=em, other=0.0)
-    v = tl.minimum(tl.maximum(x * r, -1.0), 1.0)
-    if NOISE:
-        u = tl.load(u_ptr + e, mask=em, other=0.0)
-    else:
-        u = _uniform(w)
-    code = _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
-    code = tl.where(em, tl.where(r == r, code, 0), 0)  # NaN r: non-finite bucket -> code 0
-    if BITS == 8:
-        tl.store(out_ptr + codes_off + e, code.to(tl.uint8), mask=e < ngroups * 8)
-    else:
-        _pack_groups(out_ptr, codes_off, code, gidx, ngroups, BITS)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _quant_kernel(
-    x_ptr,
-    u_ptr,
-    r_ptr,
-    lv_ptr,
-    pair_ptr,
-    out_ptr,
-    m,
-    ngroups,
-    nblocks,
-    seed,
-    codes_off,
-    D: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BITS: tl.constexpr,
-    L: tl.constexpr,
-    NOISE: tl.constexpr,
-    ROUNDS: tl.constexpr,
-    REVERSE: tl.constexpr,
-    LIB: tl.constexpr,
-):
-    """Split mode, pass 3: BLOCK coordinates (four quarters) -> codes -> packed bytes."""
-    pid = tl.program_id(0)
-    if REVERSE:
-        blk = nblocks - 1 - pid
-    else:
-        blk = pid
-    Q: tl.constexpr = BLOCK // 4
-    SCALAR: tl.constexpr = D % BLOCK == 0
-    base = blk.to(tl.int64) * BLOCK
-    if SCALAR:
-        rb = tl.load(r_ptr + base // D)
-    else:
-        rb = 0.0
-    if NOISE:
-        w0 = 0
-        w1 = 0
-        w2 = 0
-        w3 = 0
-    else:
-        ctr = blk * Q + tl.arange(0, Q // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-        w0, w1, w2, w3 = tl.randint4x(seed, ctr, ROUNDS)
-    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w0, base, m, ngroups, codes_off,
-                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
-    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w1, base + Q, m, ngroups, codes_off,
-                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
-    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w2, base + 2 * Q, m, ngroups, codes_off,
-                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
-    _quant_part(x_ptr, u_ptr, r_ptr, lv_ptr, pair_ptr, out_ptr, rb, w3, base + 3 * Q, m, ngroups, codes_off,
-                D, Q, BITS, L, NOISE, SCALAR, LIB)  # fmt: skip
-
-
 def _qpack_params(d: int) -> tuple[int, int, int]:
-    """(ROWS, G, num_warps) of the "single" mode for bucket size ``d`` (G groups of 8 per row)."""
+    """(ROWS, G, num_warps) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
@@ -574,16 +390,6 @@ def _qpack_params(d: int) -> tuple[int, int, int]:
     if elems <= 2048:
         warps = min(warps, 4)
     return rows, dp2 // 8, warps
-
-
-def _split_params(d: int) -> dict[str, int]:
-    """Launch shapes of the "split" mode for bucket size ``d``."""
-    dp2 = _next_pow2(d)
-    sblock = int(TUNING["scale_block"])
-    cols = min(dp2, sblock)
-    rows = max(1, sblock // dp2)
-    chunks = -(-d // cols)
-    return {"ROWS": rows, "COLS": cols, "C": chunks, "CP": _next_pow2(chunks)}
 
 
 def quantize_pack(
@@ -614,43 +420,20 @@ def quantize_pack(
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
     linf = config.norm == "linf"
-    if TUNING["qpack_mode"] == "split" and config.clip is None and nb:
-        sp = _split_params(d)
-        part = torch.empty(nb * sp["C"], dtype=torch.float64, device=src.device)
-        recip = torch.empty(nb, dtype=torch.float32, device=src.device)
-        extra1: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["scale_warps"])}
-        _scale_partial_kernel[(-(-nb // sp["ROWS"]) * sp["C"],)](
-            src, part, m, nb, D=d, ROWS=sp["ROWS"], COLS=sp["COLS"], C=sp["C"], LINF=linf, **extra1
-        )
-        fb = 128
-        extra2: dict[str, Any] = {} if interp else {"num_warps": 4}
-        _scale_finalize_kernel[(-(-nb // fb),)](
-            part, head, out, recip, nb, C=sp["C"], CP=sp["CP"], FB=fb, LINF=linf, LIB=not interp, **extra2
-        )
-        block = int(TUNING["quant_block"])
-        nblocks = -(-m // block)
-        extra3: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["quant_warps"]), "enable_fp_fusion": False}
-        _quant_kernel[(nblocks,)](
-            src, u, recip, table.levels, table.pairs, out,
-            m, ngroups, nblocks, seed, codes_off,
-            D=d, BLOCK=block, BITS=config.code_bits, L=config.num_levels, NOISE=noise is not None,
-            ROUNDS=PHILOX_ROUNDS, REVERSE=bool(TUNING["quant_reverse"]), LIB=not interp,
-            **extra3,
-        )  # fmt: skip
-    else:
-        rows, g, warps = _qpack_params(d)
-        clip = float(config.clip) if config.clip is not None else 0.0
-        clip_bits = int(torch.tensor(clip, dtype=torch.float64).view(torch.int64).item())
-        extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
-        grid = (max(1, -(-nb // rows)),)
-        _qpack_kernel[grid](
-            src, u, table.levels, table.pairs, head, out,
-            m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
-            D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
-            LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
-            LIB=not interp, ROUNDS=PHILOX_ROUNDS,
-            **extra,
-        )  # fmt: skip
+    rows, g, warps = _qpack_params(d)
+    clip = float(config.clip) if config.clip is not None else 0.0
+    clip_bits = struct.unpack("<q", struct.pack("<d", clip))[0]  # the float64's bits, as the kernel reads them
+    extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
+    if TUNING["qpack_maxnreg"] and not interp:
+        extra["maxnreg"] = int(TUNING["qpack_maxnreg"])
+    _qpack_kernel[(max(1, -(-nb // rows)),)](
+        src, u, table.levels, table.pairs, head, out,
+        m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
+        D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
+        LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
+        LIB=not interp, ROUNDS=PHILOX_ROUNDS,
+        **extra,
+    )  # fmt: skip
     if n > m:
         off = codes_off + packed_size(m, config.code_bits)
         out[off:].copy_(src[m:].to(torch.float32).view(torch.uint8))
@@ -684,10 +467,16 @@ def _decode_one(
         c = tl.load(row + codes_off + e, mask=em, other=0).to(tl.int32)
     else:
         gb = row + codes_off + g * BITS
-        word = tl.load(gb, mask=gm, other=0).to(tl.int64)
-        for i in tl.static_range(1, BITS):
-            word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
-        c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        if BITS <= 4:
+            word = tl.load(gb, mask=gm, other=0).to(tl.int32)
+            for i in tl.static_range(1, BITS):
+                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
+            c = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
+        else:
+            word = tl.load(gb, mask=gm, other=0).to(tl.int64)
+            for i in tl.static_range(1, BITS):
+                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
+            c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
     return _payload_scale(row, bucket, em, SCALAR) * tl.load(lut_ptr + c)
 
 
@@ -788,14 +577,7 @@ def _decode_sum_kernel(
                 a, b = _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
                 lo = lo + a
                 hi = hi + b
-        # element 8g + 2k + t of (G, 4, 2): 8-byte stores, and each group stays in one thread
-        e3 = g[:, None, None] * 8 + (tl.arange(0, 4) * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
-        acc3 = tl.join(lo, hi)
-        if HAS_SCALE:
-            acc3 = acc3 * scale
-        if CHECK:
-            acc3 = tl.where(bad, float("nan"), acc3)
-        tl.store(out_ptr + e3, acc3, mask=e3 < m)
+        acc = tl.reshape(tl.join(lo, hi), (G, 8))  # element 8g + 2k + t from pair k, half t
     else:
         if SCALAR:
             bucket = (pid.to(tl.int64) * BLOCK) // D
@@ -808,11 +590,11 @@ def _decode_sum_kernel(
         else:
             for w in range(1, n_w):
                 acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
-        if HAS_SCALE:
-            acc = acc * scale
-        if CHECK:
-            acc = tl.where(bad, float("nan"), acc)
-        tl.store(out_ptr + e, acc, mask=em)
+    if HAS_SCALE:
+        acc = acc * scale
+    if CHECK:
+        acc = tl.where(bad, float("nan"), acc)
+    tl.store(out_ptr + e, acc, mask=em)
 
 
 #: W up to this is unrolled at compile time (one compilation per W); larger W loops at run time
@@ -845,7 +627,7 @@ def decode_sum(
     interp = _interpret()
     extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["decode_warps"]), "enable_fp_fusion": False}
     grid = (-(-m // block),)
-    pair = table.code_pairs.numel() > 0
+    pair = table.code_pairs.numel() > 0 and bool(TUNING["decode_pairs"])
     head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
     _decode_sum_kernel[grid](
         payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
