@@ -15,9 +15,11 @@ ResNet-50 (torchvision's when installed, else an identical local definition:
 same layers, 25,557,032 parameters), batch 64 per GPU, bf16 autocast, synthetic
 data, SGD with momentum, ``gradient_as_bucket_view=True`` and
 ``zero_grad(set_to_none=False)`` (gradients stay views of DDP's buckets: no
-per-parameter copies; ``--set-to-none`` for the other way). Every configuration gets a fresh DDP model; after
-``--warmup`` steps, ``--steps`` steps are timed one by one with CUDA
-synchronization and the median is reported. Rank 0 prints a table and writes
+per-parameter copies; ``--set-to-none`` for the other way). Every configuration
+gets its own DDP model (all built first, each warmed up for ``--warmup``
+steps); then ``--steps`` steps per configuration are timed one by one with CUDA
+synchronization, in ``--rounds`` interleaved round-robin rounds (a shared
+machine's drift hits every configuration alike), and the median is reported. Rank 0 prints a table and writes
 JSON (per configuration: median / p10 / p90 step ms, ratios to no hook and to
 the better of the fp16/bf16 hooks, ALQ telemetry: compression ratio, level
 updates). ``--baseline`` (the NVLink JSON) adds the ratio to the NVLink no-hook
@@ -175,91 +177,144 @@ def _profile_steps(
             fh.write(avg.table(sort_by="self_device_time_total", row_limit=25))
 
 
-def _run_config(
-    name: str, make: Callable[[], tuple[Any, Any] | None], args: argparse.Namespace, device: torch.device
-) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model, _ = resnet50()
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ddp = nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        bucket_cap_mb=args.bucket_cap_mb,
-    )
-    hook = make()
-    state = None
-    if hook is not None:
-        state, fn = hook
-        ddp.register_comm_hook(state, fn)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
-    x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=gen)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch,), device=device, generator=gen)
-    times: list[float] = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
-    for it in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=args.set_to_none)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(ddp(x), y)
-        loss.backward()
-        opt.step()
-        sync(device)
-        if it >= args.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    if args.profile:  # every rank steps (the collectives need them all); rank 0 writes
-        _profile_steps(name, ddp, opt, x, y, device, args)
-    # the slowest rank sets the pace: take the per-step max over ranks
-    t = torch.tensor(times, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    times = t.tolist()
-    qs = statistics.quantiles(times, n=10)
-    res: dict[str, Any] = {
-        "config": name,
-        "median_ms": statistics.median(times),
-        "p10_ms": qs[0],
-        "p90_ms": qs[-1],
-        "loss_finite": bool(torch.isfinite(loss).item()),
-    }
-    from alq_torch import ALQState
+class _Setup:
+    """One configuration's DDP model, optimizer, hook state and data; steps it and keeps its step times."""
 
-    if isinstance(state, ALQState):
-        recs = state.telemetry
-        last = recs[-1]
-        res["alq"] = {
-            "collective": sorted({b.mode for b in last.buckets}),
-            "buckets": len(last.buckets),
-            "bytes_sent_per_step": last.bytes_sent,
-            "bytes_exact_per_step": last.bytes_exact,
-            "compression_ratio": last.compression_ratio,
-            "table_version": state.table_version,
-            "level_updates": [
-                {
-                    "step": r.level_update.step,
-                    "updated": r.level_update.updated,
-                    "reason": r.level_update.reason,
-                    "seconds": r.level_update.seconds,
-                }
-                for r in recs
-                if r.level_update is not None
-            ],
+    def __init__(
+        self, name: str, make: Callable[[], tuple[Any, Any] | None], args: argparse.Namespace, device: torch.device
+    ) -> None:
+        torch.manual_seed(0)
+        model, _ = resnet50()
+        model = model.to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.name, self.args, self.device = name, args, device
+        self.ddp = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=args.bucket_cap_mb,
+        )
+        hook = make()
+        self.state: Any = None
+        if hook is not None:
+            self.state, fn = hook
+            self.ddp.register_comm_hook(self.state, fn)
+        self.opt = torch.optim.SGD(self.ddp.parameters(), lr=0.01, momentum=0.9)
+        gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
+        self.x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=gen)
+        if args.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 1000, (args.batch,), device=device, generator=gen)
+        self.times: list[float] = []
+        self.loss: torch.Tensor | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, steps: int, timed: bool) -> None:
+        for _ in range(steps):
+            self._sync()
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=self.args.set_to_none)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                self.loss = nn.functional.cross_entropy(self.ddp(self.x), self.y)
+            self.loss.backward()
+            self.opt.step()
+            self._sync()
+            if timed:
+                self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def result(self) -> dict[str, Any]:
+        args = self.args
+        if args.profile:  # every rank steps (the collectives need them all); rank 0 writes
+            _profile_steps(self.name, self.ddp, self.opt, self.x, self.y, self.device, args)
+        # the slowest rank sets the pace: take the per-step max over ranks
+        t = torch.tensor(self.times, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times = t.tolist()
+        qs = statistics.quantiles(times, n=10)
+        res: dict[str, Any] = {
+            "config": self.name,
+            "median_ms": statistics.median(times),
+            "p10_ms": qs[0],
+            "p90_ms": qs[-1],
+            "steps_timed": len(times),
+            "loss_finite": bool(self.loss is not None and torch.isfinite(self.loss).item()),
         }
-        if args.timing:
-            res["alq"]["quantize_ms_per_step"] = statistics.median(
-                (r.quantize_s or 0.0) * 1e3 for r in recs[args.warmup :]
-            )
-            res["alq"]["decode_ms_per_step"] = statistics.median((r.decode_s or 0.0) * 1e3 for r in recs[args.warmup :])
-        state.check()
-    del ddp, opt, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return res
+        from alq_torch import ALQState
+
+        state = self.state
+        if isinstance(state, ALQState):
+            recs = state.telemetry
+            last = recs[-1]
+            res["alq"] = {
+                "collective": sorted({b.mode for b in last.buckets}),
+                "buckets": len(last.buckets),
+                "bytes_sent_per_step": last.bytes_sent,
+                "bytes_exact_per_step": last.bytes_exact,
+                "compression_ratio": last.compression_ratio,
+                "table_version": state.table_version,
+                "level_updates": [
+                    {
+                        "step": r.level_update.step,
+                        "updated": r.level_update.updated,
+                        "reason": r.level_update.reason,
+                        "seconds": r.level_update.seconds,
+                    }
+                    for r in recs
+                    if r.level_update is not None
+                ],
+            }
+            if args.timing:
+                res["alq"]["quantize_ms_per_step"] = statistics.median(
+                    (r.quantize_s or 0.0) * 1e3 for r in recs[args.warmup :]
+                )
+                res["alq"]["decode_ms_per_step"] = statistics.median(
+                    (r.decode_s or 0.0) * 1e3 for r in recs[args.warmup :]
+                )
+            state.check()
+        return res
+
+
+def _run_all(
+    configs: list[tuple[str, Callable[[], tuple[Any, Any] | None]]], args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    """Build every configuration, warm each up, then time them in interleaved rounds.
+
+    Round-robin rounds of ``--steps / --rounds`` steps per configuration spread
+    slow drifts of a shared machine (clocks, other tenants) over all
+    configurations alike instead of charging them to whichever ran then.
+    """
+    rank = dist.get_rank()
+    setups: list[_Setup | dict[str, Any]] = []
+    for name, make in configs:
+        try:
+            su = _Setup(name, make, args, device)
+            su.run(args.warmup, timed=False)
+            setups.append(su)
+        except Exception as exc:  # keep going: one broken configuration must not lose the others
+            setups.append({"config": name, "error": f"{type(exc).__name__}: {exc}"})
+        dist.barrier()
+    per_round = -(-args.steps // args.rounds)
+    for rnd in range(args.rounds):
+        for su in setups:
+            if isinstance(su, _Setup):
+                try:
+                    su.run(per_round, timed=True)
+                except Exception as exc:
+                    setups[setups.index(su)] = {"config": su.name, "error": f"{type(exc).__name__}: {exc}"}
+            dist.barrier()
+        if rank == 0:
+            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
+    results = []
+    for su in setups:
+        res = su.result() if isinstance(su, _Setup) else su
+        results.append(res)
+        if rank == 0:
+            print(f"  {res['config']}: {res.get('median_ms', float('nan')):.2f} ms {res.get('error', '')}", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="JSON of an NVLink run: adds the ratio to its no-hook step")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=15)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are spread over")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--bucket-size", type=int, default=8192)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket cap (MiB)")
@@ -301,16 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     rank, world = dist.get_rank(), dist.get_world_size()
     _, model_src = resnet50()
-    results = []
-    for name, make in _configs(args):
-        try:
-            res = _run_config(name, make, args, device)
-        except Exception as exc:  # keep going: one broken configuration must not lose the others
-            res = {"config": name, "error": f"{type(exc).__name__}: {exc}"}
-        results.append(res)
-        if rank == 0:
-            print(f"  {name}: {res.get('median_ms', float('nan')):.2f} ms {res.get('error', '')}", flush=True)
-        dist.barrier()
+    results = _run_all(_configs(args), args, device)
 
     ok = {r["config"]: r["median_ms"] for r in results if "median_ms" in r}
     nohook = ok.get("no hook")
@@ -354,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "zero_grad_set_to_none": args.set_to_none,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        "rounds": args.rounds,
         "alq": {
             "bits": args.bits,
             "bucket_size": args.bucket_size,
