@@ -260,9 +260,8 @@ def main() -> None:
             sweep: dict[str, Any] = {}
             saved = dict(_kernels.TUNING)
             variants: list[dict[str, Any]] = [
-                {"qpack_warps_8k": w, "qpack_warps_16k": w, "qpack_maxnreg": r}
-                for w in (4, 8, 16, 32)
-                for r in (0, 64, 96)
+                {"qpack_warps_8k": w, "qpack_warps_16k": w, "qpack_maxnreg_8k": r, "qpack_maxnreg_16k": r}
+                for w, r in ((4, 0), (8, 0), (8, 72), (16, 64), (16, 72), (16, 0), (32, 0))
             ]
             for var in variants:
                 name = ",".join(f"{k}={v}" for k, v in var.items())
@@ -370,19 +369,20 @@ def main() -> None:
             if not args.no_sweep and CUDA:
                 dsweep: dict[str, Any] = {}
                 saved = dict(_kernels.TUNING)
-                for blk in (1024, 2048, 4096):
-                    for warps, pairs in ((4, 1), (8, 1), (4, 0), (8, 0)):
-                        name = f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}"
-                        _kernels.TUNING.update({"decode_block": blk, "decode_warps": warps, "decode_pairs": pairs})
-                        try:
-                            _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32)
-                            assert torch.equal(avg, trusted), "sum differs"
-                            dsweep[name] = bench(
-                                lambda: _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32),
-                                device,
-                            )
-                        except Exception as exc:
-                            dsweep[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                for blk, warps, pairs in ((2048, 4, 1), (2048, 4, 0), (4096, 4, 0), (1024, 4, 0), (2048, 8, 1)):
+                    name = f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}"
+                    _kernels.TUNING.update(
+                        {"decode_block": blk, "decode_warps": warps, "decode_pairs_min_w": 1 if pairs else 10**9}
+                    )
+                    try:
+                        _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32)
+                        assert torch.equal(avg, trusted), "sum differs"
+                        dsweep[name] = bench(
+                            lambda: _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32),
+                            device,
+                        )
+                    except Exception as exc:
+                        dsweep[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 _kernels.TUNING.clear()
                 _kernels.TUNING.update(saved)
                 entry["kernel_sweep"] = dsweep

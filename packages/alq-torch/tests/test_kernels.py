@@ -138,6 +138,18 @@ def test_nonfinite_and_zero_buckets(kernels: dict[str, int]) -> None:
         quantize_encode(x.to(DEVICE), default_levels(raising), raising, seed=1)
 
 
+@pytest.mark.parametrize(("bits", "norm"), [(3, "l2"), (6, "linf"), (2, "l2")])
+def test_nonfinite_buckets_get_zero_codes_with_device_noise(kernels: dict[str, int], bits: int, norm: str) -> None:
+    cfg = QuantizerConfig("qsgd", bits=bits, bucket_size=64, nonfinite="propagate", norm=norm)
+    x = _x(600, seed=bits)
+    x[10] = float("nan")
+    x[130] = float("inf")
+    got = alq_core.decode(quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=3).cpu().numpy())
+    assert np.isnan(got.scales[[0, 2]]).all() and np.isfinite(np.delete(got.scales, [0, 2])).all()
+    assert not got.codes[0:64].any() and not got.codes[128:192].any()
+    assert got.codes[64:128].any()
+
+
 @pytest.mark.parametrize("n", [0, 5, 64, 100])
 def test_edge_sizes(kernels: dict[str, int], n: int) -> None:
     for tail in ("quantize", "full"):
@@ -198,7 +210,7 @@ def test_decode_sum_kernel_matches_composition(
 ) -> None:
     from alq_torch import _kernels
 
-    monkeypatch.setitem(_kernels.TUNING, "decode_pairs", pairs)
+    monkeypatch.setitem(_kernels.TUNING, "decode_pairs_min_w", 1 if pairs else 10**9)
     config = QuantizerConfig(method, bits=bits, bucket_size=96, tail=tail, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000

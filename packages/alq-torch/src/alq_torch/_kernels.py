@@ -65,11 +65,12 @@ TUNING: dict[str, Any] = {
     "qpack_elems": 4096,  # minimum elements per program
     "qpack_warps_8k": 8,  # num_warps for buckets of <= 8192 elements per program
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
-    "qpack_maxnreg": 0,  # register cap per thread (0: the compiler's choice)
+    "qpack_maxnreg_8k": 0,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
+    "qpack_maxnreg_16k": 64,  # same, 16384 (64: two programs per SM instead of one, a few spills; H200 sweep)
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
-    "decode_pairs": 1,  # look two codes up at once (code_bits <= 4): 1, or one lookup per code: 0
+    "decode_pairs_min_w": 8,  # from this many payloads on, look two codes up at once (code_bits <= 4)
 }
 
 
@@ -238,7 +239,7 @@ def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.
             cand = pos + ((1 << BITS) >> (i + 1))
             t = tl.load(lv_ptr + cand - 1)
             pos = tl.where(t <= v, cand, pos)
-        j = tl.minimum(pos - 1, L - 2)
+        j = tl.maximum(tl.minimum(pos - 1, L - 2), 0)  # 0 for a NaN v (its p is NaN: code 0)
     # one 8-byte gather (tiny table, L1-resident) gives l_j (low half) and inv_gap_j (high half)
     pair = tl.load(pair_ptr + j)
     lo = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
@@ -248,9 +249,16 @@ def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.
 
 
 @triton.jit
-def _round_half(x, r, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
+def _round_half(x, r, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr, CLAMP: tl.constexpr):
+    """Codes of a (ROWS, G, 4) half. A NaN ``r`` (non-finite bucket) gives code 0 everywhere.
+
+    ``CLAMP`` (given noise: bit-exact with the core) clamps ``v`` to [-1, 1]. The
+    device-noise path skips it: ``|v| <= 1`` up to an ulp of rounding, and an
+    unclamped ``v`` past +-1 still rounds into the outer bracket's end level.
+    """
     v = x * r[:, None, None]
-    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, -1.0), 1.0)
     return _codes(v, u, lv_ptr, pair_ptr, L, BITS, LIB)
 
 
@@ -352,9 +360,9 @@ def _qpack_rows(
         ua = _join4(h0, h1, h2, h3, ROWS, G)
         ub = _join4(l0, l1, l2, l3, ROWS, G)
 
-    keep = good[:, None, None]
-    ca = tl.where(keep, _round_half(a, r, ua, lv_ptr, pair_ptr, L, BITS, LIB), 0)
-    cb = tl.where(keep, _round_half(b, r, ub, lv_ptr, pair_ptr, L, BITS, LIB), 0)
+    # a non-finite bucket has r = NaN: v is NaN or clamped to -1, and every code is 0 (NaN compares false)
+    ca = _round_half(a, r, ua, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
+    cb = _round_half(b, r, ub, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
     if MASKED:
         ca = tl.where(mlo, ca, 0)
         cb = tl.where(mhi, cb, 0)
@@ -424,8 +432,9 @@ def quantize_pack(
     clip = float(config.clip) if config.clip is not None else 0.0
     clip_bits = struct.unpack("<q", struct.pack("<d", clip))[0]  # the float64's bits, as the kernel reads them
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
-    if TUNING["qpack_maxnreg"] and not interp:
-        extra["maxnreg"] = int(TUNING["qpack_maxnreg"])
+    cap = int(TUNING["qpack_maxnreg_16k"] if rows * g * 8 > 8192 else TUNING["qpack_maxnreg_8k"])
+    if cap and not interp:
+        extra["maxnreg"] = cap
     _qpack_kernel[(max(1, -(-nb // rows)),)](
         src, u, table.levels, table.pairs, head, out,
         m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
@@ -627,7 +636,7 @@ def decode_sum(
     interp = _interpret()
     extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["decode_warps"]), "enable_fp_fusion": False}
     grid = (-(-m // block),)
-    pair = table.code_pairs.numel() > 0 and bool(TUNING["decode_pairs"])
+    pair = table.code_pairs.numel() > 0 and w_count >= int(TUNING["decode_pairs_min_w"])
     head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
     _decode_sum_kernel[grid](
         payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
