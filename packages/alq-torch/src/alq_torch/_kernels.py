@@ -65,8 +65,10 @@ TUNING: dict[str, Any] = {
     "qpack_elems": 4096,  # minimum elements per program
     "qpack_warps_8k": 8,  # num_warps for buckets of <= 8192 elements per program
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
-    "qpack_maxnreg_8k": 0,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
+    "qpack_maxnreg_8k": 72,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
     "qpack_maxnreg_16k": 64,  # same, 16384 (64: two programs per SM instead of one, a few spills; H200 sweep)
+    "qpack_chunk": 0,  # > 0: buckets above this many elements in two passes of chunks this size (no clipping)
+    "qpack_chunk_warps": 4,  # num_warps of the chunked passes
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
@@ -303,39 +305,72 @@ def _store_header(out_ptr, head_ptr, pid):
 
 
 @triton.jit
+def _group_tile(rows, g0, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """Groups ``g0 .. g0 + G`` of buckets ``rows``: global group index and masks.
+
+    Returns ``gidx`` (ROWS, G) int64, ``e`` (ROWS, G, 4) the low-half elements
+    (the high half is ``e + 4``), their masks, and the group mask for stores.
+    ``MASKED`` adds element masks (a partial last bucket); otherwise masks are
+    per row and group, so loads stay vectorized.
+    """
+    g = g0 + tl.arange(0, G)
+    gmask = (rows < row_end)[:, None] & (g < D // 8)[None, :]
+    gidx = rows.to(tl.int64)[:, None] * (D // 8) + g[None, :]
+    e = gidx[:, :, None] * 8 + tl.arange(0, 4)[None, None, :]
+    if MASKED:
+        mlo = gmask[:, :, None] & (e < m)
+        mhi = gmask[:, :, None] & (e + 4 < m)
+        gmask = gmask & (gidx < ngroups)
+    else:
+        mlo = tl.broadcast_to(gmask[:, :, None], e.shape)
+        mhi = mlo
+    return gidx, e, mlo, mhi, gmask
+
+
+@triton.jit
+def _quantize_store(
+    a, b, r, u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi, gmask,
+    BITS: tl.constexpr, L: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Round two (ROWS, G, 4) halves with the rows' reciprocal scales ``r`` and store their packed codes.
+
+    Every group lives in one thread (both halves have the same layout), so its
+    noise (one Philox call), rounding and packing need no exchange between threads.
+    """
+    if NOISE:
+        ua = tl.load(u_ptr + e, mask=mlo, other=0.0)
+        ub = tl.load(u_ptr + e + 4, mask=mhi, other=0.0)
+    else:
+        w0, w1, w2, w3 = tl.randint4x(seed, gidx.to(tl.int32), ROUNDS)
+        h0, l0 = _uniform_pair(w0)
+        h1, l1 = _uniform_pair(w1)
+        h2, l2 = _uniform_pair(w2)
+        h3, l3 = _uniform_pair(w3)
+        ua = _join4(h0, h1, h2, h3, a.shape[0], a.shape[1])
+        ub = _join4(l0, l1, l2, l3, a.shape[0], a.shape[1])
+    # a non-finite bucket has r = NaN: v is NaN or clamped to -1, and every code is 0 (NaN compares false)
+    ca = _round_half(a, r, ua, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
+    cb = _round_half(b, r, ub, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
+    if MASKED:
+        ca = tl.where(mlo, ca, 0)
+        cb = tl.where(mhi, cb, 0)
+    _store_codes(out_ptr, codes_off, ca, cb, e, gidx, gmask, BITS)
+
+
+@triton.jit
 def _qpack_rows(
     x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, row_end, ngroups, seed, clip_bits, codes_off,
     D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Buckets ``pid * ROWS ..`` as two (ROWS, G, 4) halves: group ``g`` holds elements ``8g .. 8g + 7``.
-
-    Every group lives in one thread (both halves have the same layout), so the
-    noise (one Philox call per group), the rounding and the packing need no
-    data exchange between threads. ``MASKED`` adds element masks (a partial
-    last bucket); otherwise masks are per row and group, and loads stay vectorized.
-    """
+    """Buckets ``pid * ROWS ..`` held in registers as two (ROWS, G, 4) halves (group ``g``: elements ``8g .. 8g+7``)."""
     rows = pid * ROWS + tl.arange(0, ROWS)
-    g = tl.arange(0, G)
-    rmask = rows < row_end
-    gmask = rmask[:, None]
-    if D < 8 * G:
-        gmask = gmask & (g < D // 8)[None, :]
-    gidx = rows.to(tl.int64)[:, None] * (D // 8) + g[None, :]  # global group index (ROWS, G)
-    e = gidx[:, :, None] * 8 + tl.arange(0, 4)[None, None, :]  # elements of the low half (ROWS, G, 4)
-    if MASKED:
-        mlo = gmask[:, :, None] & (e < m)
-        mhi = gmask[:, :, None] & (e + 4 < m)
-        gmask = gmask & (gidx < ngroups)
-    else:
-        mlo = tl.broadcast_to(gmask[:, :, None], (ROWS, G, 4))
-        mhi = mlo
+    gidx, e, mlo, mhi, gmask = _group_tile(rows, 0, m, row_end, ngroups, D, G, MASKED)
     a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
-
     s = _row_scales(a, b, LINF, LIB)
-    good = s < float("inf")  # False for NaN and Inf
     if CLIP:
         clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
         cnt = tl.sum(tl.sum(mlo.to(tl.int32) + mhi.to(tl.int32), axis=2), axis=1)
@@ -346,28 +381,50 @@ def _qpack_rows(
         a = _clip_half(a, mlo, t)
         b = _clip_half(b, mhi, t)
         s = _row_scales(a, b, LINF, LIB)
-    r = _reciprocal(s)
+    _quantize_store(a, b, _reciprocal(s), u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi,
+                    gmask, BITS, L, NOISE, LIB, ROUNDS, MASKED)  # fmt: skip
+    _store_scales(out_ptr, rows, rows < row_end, s, s < float("inf"))
 
-    if NOISE:
-        ua = tl.load(u_ptr + e, mask=mlo, other=0.0)
-        ub = tl.load(u_ptr + e + 4, mask=mhi, other=0.0)
+
+@triton.jit
+def _qpack_rows_chunked(
+    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, row_end, ngroups, seed, codes_off,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    LINF: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Buckets ``pid * ROWS ..`` in chunks of ``CG`` groups: a pass for the scales, then one that re-reads and rounds.
+
+    The second read of a bucket comes from L2 (it was just read), and only one
+    chunk is held in registers: many programs fit on an SM, so one's loads
+    overlap another's arithmetic. No clipping (that needs the bucket at once).
+    """
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    if LINF:
+        part = tl.zeros((ROWS, CG), tl.float32)
     else:
-        w0, w1, w2, w3 = tl.randint4x(seed, gidx.to(tl.int32), ROUNDS)
-        h0, l0 = _uniform_pair(w0)
-        h1, l1 = _uniform_pair(w1)
-        h2, l2 = _uniform_pair(w2)
-        h3, l3 = _uniform_pair(w3)
-        ua = _join4(h0, h1, h2, h3, ROWS, G)
-        ub = _join4(l0, l1, l2, l3, ROWS, G)
-
-    # a non-finite bucket has r = NaN: v is NaN or clamped to -1, and every code is 0 (NaN compares false)
-    ca = _round_half(a, r, ua, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
-    cb = _round_half(b, r, ub, lv_ptr, pair_ptr, L, BITS, LIB, NOISE)
-    if MASKED:
-        ca = tl.where(mlo, ca, 0)
-        cb = tl.where(mhi, cb, 0)
-    _store_codes(out_ptr, codes_off, ca, cb, e, gidx, gmask, BITS)
-    _store_scales(out_ptr, rows, rmask, s, good)
+        part = tl.zeros((ROWS, CG), tl.float64)
+    for c in range(G // CG):
+        gidx, e, mlo, mhi, gmask = _group_tile(rows, c * CG, m, row_end, ngroups, D, CG, MASKED)
+        a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
+        if LINF:
+            part = tl.maximum(part, tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2)))
+        else:
+            a64 = a.to(tl.float64)
+            b64 = b.to(tl.float64)
+            part += tl.sum(a64 * a64, axis=2) + tl.sum(b64 * b64, axis=2)
+    if LINF:
+        s = tl.max(part, axis=1)
+    else:
+        s = _sqrt64(tl.sum(part, axis=1), LIB).to(tl.float32)
+    r = _reciprocal(s)
+    for c in range(G // CG):
+        gidx, e, mlo, mhi, gmask = _group_tile(rows, c * CG, m, row_end, ngroups, D, CG, MASKED)
+        a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
+        _quantize_store(a, b, r, u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi,
+                        gmask, BITS, L, NOISE, LIB, ROUNDS, MASKED)  # fmt: skip
+    _store_scales(out_ptr, rows, rows < row_end, s, s < float("inf"))
 
 
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
@@ -375,29 +432,46 @@ def _qpack_rows(
 @triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
     x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off,
-    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
 ):  # fmt: skip
-    """ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
+    """ROWS whole buckets per program (in chunks of CG groups when CG < G); programs below ``n_even`` hold only full buckets."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
-    if pid < n_even:
-        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+    if CG < G:
+        if pid < n_even:
+            _qpack_rows_chunked(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, codes_off,
+                                D, G, ROWS, CG, BITS, L, LINF, NOISE, LIB, ROUNDS, False)  # fmt: skip
+        else:
+            _qpack_rows_chunked(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, codes_off,
+                                D, G, ROWS, CG, BITS, L, LINF, NOISE, LIB, ROUNDS, True)  # fmt: skip
     else:
-        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
+        if pid < n_even:
+            _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                        D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+        else:
+            _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                        D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-def _qpack_params(d: int) -> tuple[int, int, int]:
-    """(ROWS, G, num_warps) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
+def _qpack_params(d: int, clip: bool) -> tuple[int, int, int, int, int]:
+    """(ROWS, G, CG, num_warps, maxnreg) of :func:`quantize_pack` for bucket size ``d``.
+
+    G groups of 8 per row (a power of two); CG groups per chunk (CG == G: the
+    bucket is held in registers at once; clipping always is).
+    """
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
-    warps = TUNING["qpack_warps_16k"] if elems > 8192 else TUNING["qpack_warps_8k"]
+    g = dp2 // 8
+    chunk = int(TUNING["qpack_chunk"])
+    if chunk and not clip and elems > chunk and rows == 1:
+        return rows, g, chunk // 8, int(TUNING["qpack_chunk_warps"]), 0
+    big = elems > 8192
+    warps = int(TUNING["qpack_warps_16k"] if big else TUNING["qpack_warps_8k"])
     if elems <= 2048:
         warps = min(warps, 4)
-    return rows, dp2 // 8, warps
+    return rows, g, g, warps, int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
 
 
 def quantize_pack(
@@ -428,17 +502,16 @@ def quantize_pack(
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
     linf = config.norm == "linf"
-    rows, g, warps = _qpack_params(d)
+    rows, g, cg, warps, cap = _qpack_params(d, config.clip is not None)
     clip = float(config.clip) if config.clip is not None else 0.0
     clip_bits = struct.unpack("<q", struct.pack("<d", clip))[0]  # the float64's bits, as the kernel reads them
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
-    cap = int(TUNING["qpack_maxnreg_16k"] if rows * g * 8 > 8192 else TUNING["qpack_maxnreg_8k"])
     if cap and not interp:
         extra["maxnreg"] = cap
     _qpack_kernel[(max(1, -(-nb // rows)),)](
         src, u, table.levels, table.pairs, head, out,
         m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
-        D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
+        D=d, G=g, ROWS=rows, CG=cg, BITS=config.code_bits, L=config.num_levels,
         LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
         LIB=not interp, ROUNDS=PHILOX_ROUNDS,
         **extra,
