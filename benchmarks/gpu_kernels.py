@@ -14,8 +14,7 @@ and 16384, all in one run and with medians of ``triton.testing.do_bench``
     quantize -> dequantize; see :func:`naive_quantize_dequantize` for exactly what
     it runs), and for context a leaner variant whose search is one bucketize;
 (b) the fused quantize+pack kernel (``alq_torch.quantize_encode``), with device
-    noise and with given noise, and a sweep of its widths, register caps and
-    chunked two-pass variant;
+    noise and with given noise, and a sweep of its widths and register caps;
 (c) decode+average of W = 2, 4, 8 payloads (``alq_torch.decode_sum``: the API
     with its host header check, the API with ``check_headers=False`` as the DDP
     hook called it before, the API with a device-side header check (a flag
@@ -261,17 +260,8 @@ def main() -> None:
             sweep: dict[str, Any] = {}
             saved = dict(_kernels.TUNING)
             variants: list[dict[str, Any]] = [
-                {
-                    "qpack_chunk": 0,
-                    "qpack_warps_8k": w,
-                    "qpack_warps_16k": w,
-                    "qpack_maxnreg_8k": r,
-                    "qpack_maxnreg_16k": r,
-                }
+                {"qpack_warps_8k": w, "qpack_warps_16k": w, "qpack_maxnreg_8k": r, "qpack_maxnreg_16k": r}
                 for w, r in ((8, 0), (8, 72), (16, 64), (16, 0))
-            ]
-            variants += [
-                {"qpack_chunk": c, "qpack_chunk_warps": w} for c, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
             ]
             for var in variants:
                 name = ",".join(f"{k}={v}" for k, v in var.items())

@@ -138,15 +138,14 @@ def test_nonfinite_and_zero_buckets(kernels: dict[str, int]) -> None:
         quantize_encode(x.to(DEVICE), default_levels(raising), raising, seed=1)
 
 
-@pytest.mark.parametrize("chunk", [0, 16])
+@pytest.mark.parametrize("elems", [4096, 64])
 @pytest.mark.parametrize(("bits", "norm"), [(3, "l2"), (6, "linf"), (2, "l2")])
 def test_nonfinite_buckets_get_zero_codes_with_device_noise(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, bits: int, norm: str, chunk: int
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, bits: int, norm: str, elems: int
 ) -> None:
     from alq_torch import _kernels
 
-    monkeypatch.setitem(_kernels.TUNING, "qpack_chunk", chunk)
-    monkeypatch.setitem(_kernels.TUNING, "qpack_elems", 64)  # one bucket per program: chunking applies
+    monkeypatch.setitem(_kernels.TUNING, "qpack_elems", elems)
     cfg = QuantizerConfig("qsgd", bits=bits, bucket_size=64, nonfinite="propagate", norm=norm)
     x = _x(600, seed=bits)
     x[10] = float("nan")
@@ -252,7 +251,7 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     assert kernels["quantize_pack"] == 0
 
 
-@pytest.mark.parametrize(("elems", "chunk"), [(4096, 0), (64, 0), (64, 32)])
+@pytest.mark.parametrize("elems", [4096, 64])
 @pytest.mark.parametrize(
     "config",
     [
@@ -264,13 +263,12 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     ],
 )
 def test_program_shapes_match_core(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, elems: int, chunk: int, config: QuantizerConfig
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, elems: int, config: QuantizerConfig
 ) -> None:
-    """Several buckets per program or one, whole or in chunks; unmasked full-bucket programs and the masked last one."""
+    """Several buckets per program or one; unmasked full-bucket programs and the masked last one."""
     from alq_torch import _kernels
 
     monkeypatch.setitem(_kernels.TUNING, "qpack_elems", elems)
-    monkeypatch.setitem(_kernels.TUNING, "qpack_chunk", chunk)
     x = _x(7 * config.bucket_size + 45, seed=config.bits)
     x[3] = float("nan")  # a non-finite first bucket
     x[config.bucket_size : 2 * config.bucket_size] = 0.0  # a zero bucket
@@ -388,8 +386,8 @@ def build(fn, sig, consts, warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
 
 
-rows, g, cg, warps, _ = _kernels._qpack_params(8192, True)
-consts = {"D": 8192, "G": g, "ROWS": rows, "CG": cg, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": False,
+rows, g, warps, _ = _kernels._qpack_params(8192)
+consts = {"D": 8192, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": False,
           "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS}
 sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "head_ptr": "*u8", "out_ptr": "*u8",
        "m": "i32", "nb": "i32", "n_even": "i32", "ngroups": "i32", "seed": "i64", "clip_bits": "i64",
@@ -405,9 +403,6 @@ assert "fma.rn.f32" not in ptx, "fused multiply-add"
 assert "sqrt.rn.f64" in ptx, "float64 square root not correctly rounded"
 assert "ld.global.nc.v2.b32" in ptx, "level pair gather"
 assert ptx.count("div.rn.f32") == 2, "a per-element division (the only ones: r = 1/s on both paths)"
-chunked = build(_kernels._qpack_kernel, sig, dict(consts, CLIP=False, CG=128), 4)
-cptx = chunked.asm["ptx"]
-assert cptx.count("div.rn.f32") == 2 and "fma.rn.f32" not in cptx and "sqrt.rn.f64" in cptx, "chunked arithmetic"
 dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*fp32",
         "head_ptr": "*u8", "flag_ptr": "*i32", "m": "i32", "ngroups": "i32", "codes_off": "i32", "scale": "fp32",
         "n_w": "i32"}

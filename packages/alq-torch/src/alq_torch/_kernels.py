@@ -67,8 +67,6 @@ TUNING: dict[str, Any] = {
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
     "qpack_maxnreg_8k": 72,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
     "qpack_maxnreg_16k": 64,  # same, 16384 (64: two programs per SM instead of one, a few spills; H200 sweep)
-    "qpack_chunk": 0,  # > 0: buckets above this many elements in two passes of chunks this size (no clipping)
-    "qpack_chunk_warps": 4,  # num_warps of the chunked passes
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
@@ -386,92 +384,35 @@ def _qpack_rows(
     _store_scales(out_ptr, rows, rows < row_end, s, s < float("inf"))
 
 
-@triton.jit
-def _qpack_rows_chunked(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, row_end, ngroups, seed, codes_off,
-    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
-    LINF: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Buckets ``pid * ROWS ..`` in chunks of ``CG`` groups: a pass for the scales, then one that re-reads and rounds.
-
-    The second read of a bucket comes from L2 (it was just read), and only one
-    chunk is held in registers: many programs fit on an SM, so one's loads
-    overlap another's arithmetic. No clipping (that needs the bucket at once).
-    """
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    if LINF:
-        part = tl.zeros((ROWS, CG), tl.float32)
-    else:
-        part = tl.zeros((ROWS, CG), tl.float64)
-    for c in range(G // CG):
-        gidx, e, mlo, mhi, gmask = _group_tile(rows, c * CG, m, row_end, ngroups, D, CG, MASKED)
-        a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
-        b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
-        if LINF:
-            part = tl.maximum(part, tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2)))
-        else:
-            a64 = a.to(tl.float64)
-            b64 = b.to(tl.float64)
-            part += tl.sum(a64 * a64, axis=2) + tl.sum(b64 * b64, axis=2)
-    if LINF:
-        s = tl.max(part, axis=1)
-    else:
-        s = _sqrt64(tl.sum(part, axis=1), LIB).to(tl.float32)
-    r = _reciprocal(s)
-    for c in range(G // CG):
-        gidx, e, mlo, mhi, gmask = _group_tile(rows, c * CG, m, row_end, ngroups, D, CG, MASKED)
-        a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
-        b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
-        _quantize_store(a, b, r, u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi,
-                        gmask, BITS, L, NOISE, LIB, ROUNDS, MASKED)  # fmt: skip
-    _store_scales(out_ptr, rows, rows < row_end, s, s < float("inf"))
-
-
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
 # compile new variants mid-training whenever a seed first falls into another class.
 @triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
     x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off,
-    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
 ):  # fmt: skip
-    """ROWS whole buckets per program (in chunks of CG groups when CG < G); programs below ``n_even`` hold only full buckets."""
+    """ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
-    if CG < G:
-        if pid < n_even:
-            _qpack_rows_chunked(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, codes_off,
-                                D, G, ROWS, CG, BITS, L, LINF, NOISE, LIB, ROUNDS, False)  # fmt: skip
-        else:
-            _qpack_rows_chunked(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, codes_off,
-                                D, G, ROWS, CG, BITS, L, LINF, NOISE, LIB, ROUNDS, True)  # fmt: skip
+    if pid < n_even:
+        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
     else:
-        if pid < n_even:
-            _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                        D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
-        else:
-            _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                        D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
+        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
+                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-def _qpack_params(d: int, clip: bool) -> tuple[int, int, int, int, int]:
-    """(ROWS, G, CG, num_warps, maxnreg) of :func:`quantize_pack` for bucket size ``d``.
-
-    G groups of 8 per row (a power of two); CG groups per chunk (CG == G: the
-    bucket is held in registers at once; clipping always is).
-    """
+def _qpack_params(d: int) -> tuple[int, int, int, int]:
+    """(ROWS, G, num_warps, maxnreg) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
-    g = dp2 // 8
-    chunk = int(TUNING["qpack_chunk"])
-    if chunk and not clip and elems > chunk and rows == 1:
-        return rows, g, chunk // 8, int(TUNING["qpack_chunk_warps"]), 0
     big = elems > 8192
     warps = int(TUNING["qpack_warps_16k"] if big else TUNING["qpack_warps_8k"])
     if elems <= 2048:
         warps = min(warps, 4)
-    return rows, g, g, warps, int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
+    return rows, dp2 // 8, warps, int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
 
 
 def quantize_pack(
@@ -502,7 +443,7 @@ def quantize_pack(
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
     linf = config.norm == "linf"
-    rows, g, cg, warps, cap = _qpack_params(d, config.clip is not None)
+    rows, g, warps, cap = _qpack_params(d)
     clip = float(config.clip) if config.clip is not None else 0.0
     clip_bits = struct.unpack("<q", struct.pack("<d", clip))[0]  # the float64's bits, as the kernel reads them
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
@@ -511,7 +452,7 @@ def quantize_pack(
     _qpack_kernel[(max(1, -(-nb // rows)),)](
         src, u, table.levels, table.pairs, head, out,
         m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
-        D=d, G=g, ROWS=rows, CG=cg, BITS=config.code_bits, L=config.num_levels,
+        D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
         LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
         LIB=not interp, ROUNDS=PHILOX_ROUNDS,
         **extra,
