@@ -277,9 +277,9 @@ def quantize_encode(
         Without ``noise``, the noise is generated on the device from ``seed``
         (deterministic for a given seed, device and path; a fresh seed from
         torch's default generator when None). CUDA fast path: counter-based
-        Philox4x32-7 (``tl.randint4x``, one counter per 4 coordinates, 23-bit
-        uniforms; the stream depends on the kernels' launch mode); elsewhere
-        ``torch.rand`` with a generator seeded by ``seed``.
+        Philox4x32-7 (``tl.randint4x``, one counter per 8-code group, 16-bit
+        uniforms ``(k + 1/2) / 2**16``); elsewhere ``torch.rand`` with a
+        generator seeded by ``seed``.
     out : Tensor of uint8, shape (payload_size(config, n),), optional
         Written in place (a view into a bigger buffer is fine) and returned.
 
