@@ -300,3 +300,22 @@ def test_state_dict_round_trip_and_config_check() -> None:
 def test_nonfinite_policy_is_propagate() -> None:
     st = ALQState(QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="raise"))
     assert st.config.nonfinite == "propagate"
+
+
+def test_device_header_flags_are_reported_once_per_round() -> None:
+    """The per-round bookkeeping of the decode kernels' header-check flags (host flags stand in for the GPU's)."""
+    from alq_core import PayloadError
+    from alq_torch import _hook
+
+    state = ALQState(QuantizerConfig("alq", bits=3, bucket_size=64))
+    flags = torch.zeros(_hook._MAX_FLAGS, dtype=torch.int32)
+    state._flags, state._flags_used, state.step = flags, True, 7
+    state.check()  # all clear: nothing raised, the flags consumed
+    assert not state._flags_used and not state._pending
+    state._flags_used = True
+    flags[[2, _hook._MAX_FLAGS - 1]] = 1
+    with pytest.raises(PayloadError, match=r"step 6, bucket\(s\) \[2, 255\] \(index 255 stands for all higher ones\)"):
+        state.check()
+    assert int(flags.sum()) == 0, "the flags are cleared once read"
+    state._flags_used = True
+    state.check()  # the failure was reported once

@@ -116,17 +116,22 @@ class _PendingCheck:
     __slots__ = ("_event", "_flags", "step")
 
     def __init__(self, flags: torch.Tensor, step: int) -> None:
-        self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-        self._flags.copy_(flags, non_blocking=True)
-        self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        self._event.record()
+        self._event: Any = None
+        if flags.device.type == "cuda":
+            self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._flags.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+        else:  # host flags (tests): nothing to wait for
+            self._flags = flags.clone()
         self.step = step
 
     def failed(self, block: bool) -> list[int] | None:
         """Bucket indices whose headers differed (empty if none); None if not yet known and ``block`` is False."""
-        if not block and not self._event.query():  # type: ignore[no-untyped-call]
-            return None
-        self._event.synchronize()
+        if self._event is not None:
+            if not block and not self._event.query():
+                return None
+            self._event.synchronize()
         return [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
 
 
