@@ -207,10 +207,9 @@ def _gather_pair(table_ptr, idx, LIB: tl.constexpr):
 def _codes(v, u, lv_ptr, pair_ptr, L: tl.constexpr, BITS: tl.constexpr, LIB: tl.constexpr):
     """Codes of clamped ``v`` with noise ``u``: ``j + (u < (v - l_j) * inv_gap_j)``."""
     if L <= 16 and LIB:
-        # j = number of interior levels <= v (scalar levels), then one 8-byte gather of (l_j, inv_gap_j)
-        # from the tiny L1-resident table; the gather is inline PTX so that it keeps the tensor's layout
-        # (a tl.load gather gets a layout of its own and a shared-memory conversion)
-        # levels ascend, so the last level <= v sets j (one compare and one select per level)
+        # j = number of interior levels <= v: levels ascend, so the last one <= v sets j (one compare and
+        # one select per level, scalar levels); then one 8-byte gather of (l_j, inv_gap_j) from the tiny
+        # L1-resident table (_gather_pair: inline PTX, keeps the tensor's layout)
         j = tl.zeros(v.shape, tl.int32)
         for k in tl.static_range(1, L - 1):
             j = tl.where(v >= tl.load(lv_ptr + k), k, j)
