@@ -111,6 +111,15 @@ def test_resume_continues_identically(tmp_path) -> None:  # type: ignore[no-unty
             assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_refuses_another_runs_checkpoint(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+    ck = str(tmp_path / "run.pt")
+    run = RunConfig(method="alq", bucket_size=256, workers=4, batch_size=8, steps=4, model="mlp-16")
+    train_run(run, digits, device=CPU, checkpoint=ck, stop_at=2, progress=False)
+    other = RunConfig(method="alq", bucket_size=256, workers=4, batch_size=8, steps=4, model="mlp-16", lr=0.5)
+    with pytest.raises(ValueError, match=r"belongs to a different run; differing settings \(saved, now\): \{'lr'"):
+        train_run(other, digits, device=CPU, checkpoint=ck, resume=True, progress=False)
+
+
 def test_resume_refuses_a_directory_without_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit, match=r"no config.json there"):
         main(["--resume", str(tmp_path)])

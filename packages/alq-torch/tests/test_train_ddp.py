@@ -18,8 +18,7 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "ddp"
+def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*SRC, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
@@ -33,6 +32,16 @@ def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[
         "2",
         "-m",
         "alq_torch.train",
+    ]
+    proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "ddp"
+    part = tmp_path / "part"
+    args = [
         "--methods",
         "fp32,nuqsgd,alq",
         "--seeds",
@@ -51,11 +60,8 @@ def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[
         "cpu",
         "--no-progress",
         "--no-plots",
-        "--out",
-        str(out),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun(*args, "--out", str(out))
     assert "DDP 2 ranks" in proc.stdout
     payload = json.loads((out / "results.json").read_text())
     assert payload["mode"] == "ddp"
@@ -69,3 +75,10 @@ def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[
     runs = {r["method"]: r for r in payload["runs"]}
     assert runs["alq"]["num_updates"] == 2 and runs["nuqsgd"]["num_updates"] == 0
     assert runs["alq"]["mode"] == "ddp-gloo-2"
+
+    # stopped half way and resumed from the per-rank checkpoints: the same histories
+    _torchrun(*args, "--out", str(part), "--stop-at", "4")
+    _torchrun("--resume", str(part), "--no-progress", "--no-plots")
+    resumed = {r["method"]: r for r in json.loads((part / "results.json").read_text())["runs"]}
+    for m, r in runs.items():
+        assert resumed[m]["history"] == r["history"], m

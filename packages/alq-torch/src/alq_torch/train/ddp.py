@@ -27,10 +27,11 @@ from .data import Dataset, WorkerSampler, load_data
 from .loop import (
     RunConfig,
     RunResult,
-    _load_checkpoint,
+    _new_state,
+    _restore,
     _save_checkpoint,
+    _snapshot,
     _sync,
-    _tensor_state,
     evaluate,
     make_quantizer,
     resolve_steps,
@@ -64,7 +65,9 @@ def train_run_ddp(
     net.train()
     n = num_parameters(net)
     qcfg = run.quantizer_config()
-    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # find_unused_parameters=True keeps DDP's bucket layout as built (otherwise DDP rebuilds it after the first
+    # backward pass, and a resumed job would quantize another layout in its first round: not bit-identical)
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     log_every = run.interval(run.log_every, 40)
     eval_every = run.interval(run.eval_every, 20)
     state_hook = ALQState(
@@ -79,44 +82,17 @@ def train_run_ddp(
     sampler = WorkerSampler(data.y_train.shape[0], world, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + 1000 * run.seed + rank)
     opt = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
-    st: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "levels": [],
-        "times": {"train": 0.0, "grad": 0.0, "quant": 0.0, "update": 0.0},
-        "num_updates": 0,
-        "last_var": float("nan"),
-        "best": 0.0,
-        "bytes": 0,
-    }
+    st = _new_state(bytes=0)
     ck_rank = f"{checkpoint}.rank{rank}" if checkpoint else None
     if resume and ck_rank and os.path.exists(ck_rank):
-        ck = _load_checkpoint(ck_rank)
-        if ck["run"] != run.signature():
-            msg = f"checkpoint {ck_rank!r} belongs to a different run"
-            raise ValueError(msg)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        opt.state.update({p: _tensor_state(s, device) for p, s in opt.state.items()})
-        state_hook.load_state_dict(ck["hook"])
-        sampler.load_state_dict(ck["sampler"])
-        aug.set_state(ck["aug"])
-        st = ck["state"]
+        st = _restore(ck_rank, run, device, net, opt, sampler, aug, hook=state_hook)
     if qcfg.quantized and not st["levels"]:
         st["levels"].append(
             {"step": 0, "levels": np.asarray(state_hook.levels, dtype=np.float64).tolist(), "initial": True}
         )
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "run": run.signature(),
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
-            "hook": state_hook.state_dict(),
-            "sampler": sampler.state_dict(),
-            "aug": aug.get_state(),
-            "state": st,
-        }
+        return _snapshot(run, net, opt, sampler, aug, st, hook=state_hook)
 
     start = int(st["step"])
     end = run.steps if stop_at is None else min(run.steps, stop_at)

@@ -250,6 +250,68 @@ def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _new_state(**extra: Any) -> dict[str, Any]:
+    """A run's progress record (checkpointed with it): step, history, level tables, times, counters."""
+    return {
+        "step": 0,
+        "history": [],
+        "levels": [],
+        "times": {"train": 0.0, "grad": 0.0, "quant": 0.0, "update": 0.0},
+        "num_updates": 0,
+        "last_var": float("nan"),
+        "best": 0.0,
+        **extra,
+    }
+
+
+def _snapshot(
+    run: RunConfig,
+    model: torch.nn.Module,
+    opt: Any,
+    sampler: Any,
+    aug: torch.Generator,
+    state: dict[str, Any],
+    **parts: Any,
+) -> dict[str, Any]:
+    """Everything a checkpoint holds; ``parts`` are the run's stateful helpers (``sim=`` or ``hook=``)."""
+    return {
+        "run": run.signature(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        **{name: part.state_dict() for name, part in parts.items()},
+        "sampler": sampler.state_dict(),
+        "aug": aug.get_state(),
+        "state": state,
+    }
+
+
+def _restore(
+    path: str,
+    run: RunConfig,
+    device: torch.device,
+    model: torch.nn.Module,
+    opt: Any,
+    sampler: Any,
+    aug: torch.Generator,
+    **parts: Any,
+) -> dict[str, Any]:
+    """Load the :func:`_snapshot` at ``path`` into the run's objects; returns its progress record."""
+    ck = _load_checkpoint(path)
+    if ck["run"] != run.signature():
+        diff = {k: (ck["run"].get(k), v) for k, v in run.signature().items() if ck["run"].get(k) != v}
+        msg = f"checkpoint {path!r} belongs to a different run; differing settings (saved, now): {diff}"
+        raise ValueError(msg)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    opt.state.update({p: _tensor_state(s, device) for p, s in opt.state.items()})
+    for name, part in parts.items():
+        part.load_state_dict(ck[name])
+    sampler.load_state_dict(ck["sampler"])
+    aug.set_state(ck["aug"])
+    state: dict[str, Any] = ck["state"]
+    return state
+
+
 def _tensor_state(obj: Any, device: torch.device) -> Any:
     """Move optimizer-state tensors back to the device after loading."""
     if isinstance(obj, Tensor):
@@ -318,29 +380,9 @@ def train_run(
     gc = GradientComputer(model)
     eval_every = run.interval(run.eval_every, 20)
     log_every = run.interval(run.log_every, 40)
-    state: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "levels": [],
-        "times": {"train": 0.0, "grad": 0.0, "quant": 0.0, "update": 0.0},
-        "num_updates": 0,
-        "last_var": float("nan"),
-        "last_loss": float("nan"),
-        "best": 0.0,
-    }
+    state = _new_state(last_loss=float("nan"))
     if resume and checkpoint and os.path.exists(checkpoint):
-        ck = _load_checkpoint(checkpoint)
-        if ck["run"] != run.signature():
-            diff = {k: (ck["run"].get(k), v) for k, v in run.signature().items() if ck["run"].get(k) != v}
-            msg = f"checkpoint {checkpoint!r} belongs to a different run; differing settings (saved, now): {diff}"
-            raise ValueError(msg)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        opt.state.update({p: _tensor_state(s, device) for p, s in opt.state.items()})
-        sim.load_state_dict(ck["sim"])
-        sampler.load_state_dict(ck["sampler"])
-        aug.set_state(ck["aug"])
-        state = ck["state"]
+        state = _restore(checkpoint, run, device, model, opt, sampler, aug, sim=sim)
     if qcfg.quantized and not state["levels"]:
         state["levels"].append(
             {
@@ -352,15 +394,7 @@ def train_run(
         )
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "run": run.signature(),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "sim": sim.state_dict(),
-            "sampler": sampler.state_dict(),
-            "aug": aug.get_state(),
-            "state": state,
-        }
+        return _snapshot(run, model, opt, sampler, aug, state, sim=sim)
 
     start = int(state["step"])
     end = run.steps if stop_at is None else min(run.steps, stop_at)
