@@ -117,6 +117,8 @@ def test_decode_sum_checks_every_header() -> None:
         decode_sum(torch.stack([c]), levels, config, 98)
     with pytest.raises(TypeError, match=r"`payloads` must be a 2-D uint8 tensor \(W, payload_size\)"):
         decode_sum(a, levels, config, 100)
+    with pytest.raises(TypeError, match=r"`payload` must be a 1-D uint8 tensor; got torch.uint8 with shape \(1, "):
+        decode(a[None, :])
     with pytest.raises(ValueError, match="at least one payload"):
         decode_sum(a[None, :][:0], levels, config, 100)
 

@@ -172,14 +172,16 @@ def _host_array(levels: object) -> Any:
     return levels
 
 
-def _check_payload_tensor(payload: object, name: str = "payload") -> torch.Tensor:
-    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
+def _check_payload_tensor(payload: object, name: str = "payload", shape: str = "") -> torch.Tensor:
+    """``payload`` as a uint8 tensor of ``1 + shape.count(",")`` dimensions (``shape`` names them), or TypeError."""
+    ndim = 1 + shape.count(",")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != ndim:
         got = (
             f"{payload.dtype} with shape {tuple(payload.shape)}"
             if isinstance(payload, torch.Tensor)
             else type(payload).__name__
         )
-        msg = f"`{name}` must be a 1-D uint8 tensor; got {got}"
+        msg = f"`{name}` must be a {ndim}-D uint8 tensor{f' ({shape})' if shape else ''}; got {got}"
         raise TypeError(msg)
     return payload
 
@@ -406,14 +408,7 @@ def decode_sum(
     synchronize on the whole payload): an out-of-range code decodes to NaN.
     """
     config = check_config(config)
-    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.ndim != 2:
-        got = (
-            f"{payloads.dtype} with shape {tuple(payloads.shape)}"
-            if isinstance(payloads, torch.Tensor)
-            else type(payloads).__name__
-        )
-        msg = f"`payloads` must be a 2-D uint8 tensor (W, payload_size); got {got}"
-        raise TypeError(msg)
+    payloads = _check_payload_tensor(payloads, "payloads", "W, payload_size")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         msg = f"`n` must be a non-negative integer element count; got {n!r}"
         raise ValueError(msg)
