@@ -259,17 +259,31 @@ def main() -> None:
         if not args.no_sweep and CUDA:
             sweep: dict[str, Any] = {}
             saved = dict(_kernels.TUNING)
-            variants: list[dict[str, Any]] = [
-                {"qpack_warps_8k": w, "qpack_warps_16k": w, "qpack_maxnreg_8k": r, "qpack_maxnreg_16k": r}
-                for w, r in ((8, 0), (8, 72), (16, 64), (16, 0))
-            ]
-            for var in variants:
-                name = ",".join(f"{k}={v}" for k, v in var.items())
+            ref_seeded = alq_torch.quantize_encode(x, levels, config, seed=1)  # device noise: index-determined
+            # (looping programs?, num_warps, register cap, looping programs per SM), for both bucket sizes
+            for loop, w, r, per_sm in (
+                (False, 8, 72, 1),
+                (False, 16, 64, 1),
+                (True, 16, 128, 1),
+                (True, 16, 96, 1),
+                (True, 32, 64, 1),
+                (True, 8, 128, 2),
+                (True, 8, 80, 3),
+                (True, 16, 64, 2),
+            ):
+                name = f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"
+                var = {"qpack_loop_per_sm": per_sm}
+                for size_key in ("8k", "16k"):
+                    var.update(
+                        {f"qpack_loop_{size_key}": loop, f"qpack_warps_{size_key}": w, f"qpack_maxnreg_{size_key}": r}
+                    )
                 _kernels.TUNING.update(saved)
                 _kernels.TUNING.update(var)
                 try:
                     got = alq_torch.quantize_encode(x, levels, config, noise=u, out=buf)
                     assert torch.equal(got, ref_full), "bytes differ from the torch composition"
+                    got = alq_torch.quantize_encode(x, levels, config, seed=1, out=buf)
+                    assert torch.equal(got, ref_seeded), "device-noise bytes differ from the default launch's"
                     # the kernel alone: the API adds host work that can exceed the kernel's own time
                     sweep[name] = bench(
                         lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=1), device
@@ -372,7 +386,15 @@ def main() -> None:
             if not args.no_sweep and CUDA:
                 dsweep: dict[str, Any] = {}
                 saved = dict(_kernels.TUNING)
-                for blk, warps, pairs in ((2048, 4, 1), (2048, 4, 0), (4096, 4, 0), (1024, 4, 0), (2048, 8, 1)):
+                for blk, warps, pairs in (
+                    (2048, 4, 1),
+                    (2048, 4, 0),
+                    (4096, 4, 0),
+                    (1024, 4, 0),
+                    (2048, 8, 1),
+                    (4096, 8, 1),
+                    (1024, 4, 1),
+                ):
                     name = f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}"
                     _kernels.TUNING.update(
                         {"decode_block": blk, "decode_warps": warps, "decode_pairs_min_w": 1 if pairs else 10**9}

@@ -251,6 +251,7 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     assert kernels["quantize_pack"] == 0
 
 
+@pytest.mark.parametrize("loop", [False, True])
 @pytest.mark.parametrize("elems", [4096, 64])
 @pytest.mark.parametrize(
     "config",
@@ -263,12 +264,14 @@ def test_configs_without_a_fused_path_still_match(kernels: dict[str, int], d: in
     ],
 )
 def test_program_shapes_match_core(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, elems: int, config: QuantizerConfig
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, elems: int, loop: bool, config: QuantizerConfig
 ) -> None:
-    """Several buckets per program or one; unmasked full-bucket programs and the masked last one."""
+    """Several buckets per program or one; unmasked full-bucket programs and the masked last one; with
+    ``loop`` few programs walk the full blocks (prefetching) and the device noise is the same as without."""
     from alq_torch import _kernels
 
     monkeypatch.setitem(_kernels.TUNING, "qpack_elems", elems)
+    monkeypatch.setitem(_kernels.TUNING, "qpack_loop_8k", loop)
     x = _x(7 * config.bucket_size + 45, seed=config.bits)
     x[3] = float("nan")  # a non-finite first bucket
     x[config.bucket_size : 2 * config.bucket_size] = 0.0  # a zero bucket
@@ -283,7 +286,9 @@ def test_program_shapes_match_core(
     _check(x, cfg)
     a = quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5)
     assert torch.equal(a, quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5))
-    assert kernels["quantize_pack"] == 3
+    monkeypatch.setitem(_kernels.TUNING, "qpack_loop_8k", not loop)
+    assert torch.equal(a, quantize_encode(x.to(DEVICE), default_levels(cfg), cfg, seed=5))
+    assert kernels["quantize_pack"] == 4
 
 
 @pytest.mark.parametrize(("w", "block"), [(3, 64), (20, 2048), (20, 64)])
@@ -386,23 +391,24 @@ def build(fn, sig, consts, warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
 
 
-rows, g, warps, _ = _kernels._qpack_params(8192)
-consts = {"D": 8192, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": False,
-          "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS}
 sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "head_ptr": "*u8", "out_ptr": "*u8",
        "m": "i32", "nb": "i32", "n_even": "i32", "ngroups": "i32", "seed": "i64", "clip_bits": "i64",
-       "codes_off": "i32"}
-try:
-    k = build(_kernels._qpack_kernel, sig, consts, warps)
-except (FileNotFoundError, PermissionError) as exc:  # no usable ptxas here; any other error fails the test
-    print("SKIP", type(exc).__name__, exc)
-    raise SystemExit(0)
-ptx = k.asm["ptx"]
-assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx, "inexact reciprocal"
-assert "fma.rn.f32" not in ptx, "fused multiply-add"
-assert "sqrt.rn.f64" in ptx, "float64 square root not correctly rounded"
-assert "ld.global.nc.v2.b32" in ptx, "level pair gather"
-assert ptx.count("div.rn.f32") == 2, "a per-element division (the only ones: r = 1/s on both paths)"
+       "codes_off": "i32", "n_loop": "i32"}
+for loop in (False, True):
+    rows, g, warps, _, _ = _kernels._qpack_params(8192)
+    consts = {"D": 8192, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": False,
+              "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS, "LOOP": loop}
+    try:
+        k = build(_kernels._qpack_kernel, sig, consts, warps)
+    except (FileNotFoundError, PermissionError) as exc:  # no usable ptxas here; any other error fails the test
+        print("SKIP", type(exc).__name__, exc)
+        raise SystemExit(0)
+    ptx = k.asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx, "inexact reciprocal"
+    assert "fma.rn.f32" not in ptx, "fused multiply-add"
+    assert "sqrt.rn.f64" in ptx, "float64 square root not correctly rounded"
+    assert "ld.global.nc.v2.b32" in ptx, "level pair gather"
+    assert ptx.count("div.rn.f32") == 2, "a per-element division (the only ones: r = 1/s on both paths)"
 dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*fp32",
         "head_ptr": "*u8", "flag_ptr": "*i32", "m": "i32", "ngroups": "i32", "codes_off": "i32", "scale": "fp32",
         "n_w": "i32"}

@@ -41,6 +41,7 @@ Both kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import Any
@@ -67,6 +68,9 @@ TUNING: dict[str, Any] = {
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
     "qpack_maxnreg_8k": 72,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
     "qpack_maxnreg_16k": 64,  # same, 16384 (64: two programs per SM instead of one, a few spills; H200 sweep)
+    "qpack_loop_8k": False,  # <= 8192 elements per program: programs walk several blocks (prefetching the next)
+    "qpack_loop_16k": True,  # same, 16384
+    "qpack_loop_per_sm": 1,  # looping programs per multiprocessor
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
@@ -356,17 +360,14 @@ def _quantize_store(
 
 
 @triton.jit
-def _qpack_rows(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, row_end, ngroups, seed, clip_bits, codes_off,
-    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
+def _qpack_tile(
+    a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, row_end, ngroups, seed, clip_bits, codes_off,
+    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Buckets ``pid * ROWS ..`` held in registers as two (ROWS, G, 4) halves (group ``g``: elements ``8g .. 8g+7``)."""
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    """Quantize and store buckets ``rows`` given their two loaded (ROWS, G, 4) halves ``a``, ``b`` (float32)."""
     gidx, e, mlo, mhi, gmask = _group_tile(rows, 0, m, row_end, ngroups, D, G, MASKED)
-    a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
     s = _row_scales(a, b, LINF, LIB)
     if CLIP:
         clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -383,27 +384,62 @@ def _qpack_rows(
     _store_scales(out_ptr, rows, rows < row_end, s, s < float("inf"))
 
 
+@triton.jit
+def _load_tile(x_ptr, rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """Buckets ``rows`` as two float32 (ROWS, G, 4) halves (group ``g``: elements ``8g .. 8g+7``); 0 where masked."""
+    _, e, mlo, mhi, _ = _group_tile(rows, 0, m, row_end, ngroups, D, G, MASKED)
+    a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
+    return a, b
+
+
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
 # compile new variants mid-training whenever a seed first falls into another class.
 @triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off,
+    x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
     D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
+    LOOP: tl.constexpr,
 ):  # fmt: skip
-    """ROWS whole buckets per program; programs below ``n_even`` hold only full buckets."""
+    """ROWS whole buckets per block of rows; blocks below ``n_even`` hold only full buckets.
+
+    ``LOOP``: programs below ``n_loop`` each walk the full blocks ``pid, pid + n_loop, ...`` and issue
+    the next block's loads before the current block's arithmetic (the memory traffic of one block
+    overlaps the arithmetic of the other); program ``n_loop + i`` takes the partial block ``n_even + i``.
+    Otherwise program ``pid`` takes block ``pid``.
+    """
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
-    if pid < n_even:
-        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+    rng = tl.arange(0, ROWS)
+    if LOOP:
+        blk_tail = n_even + pid - n_loop
+        if pid < n_loop:
+            full_end = n_even * ROWS
+            a, b = _load_tile(x_ptr, pid * ROWS + rng, m, full_end, ngroups, D, G, False)
+            blk = pid
+            while blk < n_even:  # (not a range: the interpreter cannot bound one by run-time values)
+                an, bn = _load_tile(x_ptr, (blk + n_loop) * ROWS + rng, m, full_end, ngroups, D, G, False)
+                _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, blk * ROWS + rng, m, nb, ngroups, seed,
+                            clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+                a = an
+                b = bn
+                blk += n_loop
     else:
-        _qpack_rows(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                    D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
+        blk_tail = pid
+        if pid < n_even:
+            a, b = _load_tile(x_ptr, pid * ROWS + rng, m, nb, ngroups, D, G, False)
+            _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
+                        clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+    if blk_tail >= n_even:
+        rows = blk_tail * ROWS + rng
+        a, b = _load_tile(x_ptr, rows, m, nb, ngroups, D, G, True)
+        _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, nb, ngroups, seed, clip_bits,
+                    codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-def _qpack_params(d: int) -> tuple[int, int, int, int]:
-    """(ROWS, G, num_warps, maxnreg) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
+def _qpack_params(d: int) -> tuple[int, int, int, int, bool]:
+    """(ROWS, G, num_warps, maxnreg, LOOP) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
@@ -411,7 +447,16 @@ def _qpack_params(d: int) -> tuple[int, int, int, int]:
     warps = int(TUNING["qpack_warps_16k"] if big else TUNING["qpack_warps_8k"])
     if elems <= 2048:
         warps = min(warps, 4)
-    return rows, dp2 // 8, warps, int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
+    cap = int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
+    return rows, dp2 // 8, warps, cap, bool(TUNING["qpack_loop_16k"] if big else TUNING["qpack_loop_8k"])
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 2 elsewhere (the interpreter: looping programs then walk several blocks)."""
+    if device.type != "cuda":
+        return 2
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def quantize_pack(
@@ -442,18 +487,21 @@ def quantize_pack(
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
     linf = config.norm == "linf"
-    rows, g, warps, cap = _qpack_params(d)
+    rows, g, warps, cap, loop = _qpack_params(d)
+    n_blocks = -(-nb // rows)
+    n_even = (m // d) // rows  # blocks of full buckets only
+    n_loop = min(n_even, _num_sms(src.device) * int(TUNING["qpack_loop_per_sm"])) if loop else 0
     clip = float(config.clip) if config.clip is not None else 0.0
     clip_bits = struct.unpack("<q", struct.pack("<d", clip))[0]  # the float64's bits, as the kernel reads them
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
     if cap and not interp:
         extra["maxnreg"] = cap
-    _qpack_kernel[(max(1, -(-nb // rows)),)](
+    _qpack_kernel[(max(1, n_loop + n_blocks - n_even if loop else n_blocks),)](
         src, u, table.levels, table.pairs, head, out,
-        m, nb, (m // d) // rows, ngroups, seed, clip_bits, codes_off,
+        m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
         D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
         LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
-        LIB=not interp, ROUNDS=PHILOX_ROUNDS,
+        LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop,
         **extra,
     )  # fmt: skip
     if n > m:
