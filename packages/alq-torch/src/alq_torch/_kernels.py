@@ -18,7 +18,11 @@ buckets per program), the bucket read once into registers as two
 lives in one thread, so its noise, rounding and packing need no exchange
 between threads; only the per-bucket reduction crosses threads (after each
 thread has reduced its own groups). Programs holding only full buckets take an
-unmasked path (vectorized loads); the last, partial bucket a masked one.
+unmasked path (vectorized loads); the last, partial bucket a masked one. At
+16384 elements per program (one 512-thread program per SM fits) the programs
+loop over blocks of buckets and issue the next block's loads before the
+current block's arithmetic, so one block's memory traffic overlaps the other's
+arithmetic (``TUNING["qpack_loop_*"]``).
 
 Device noise: one Philox4x32 call (``tl.randint4x``, ``PHILOX_ROUNDS`` rounds)
 per 8-code group, counter = the group's index; each 32-bit output gives two
@@ -67,7 +71,7 @@ TUNING: dict[str, Any] = {
     "qpack_warps_8k": 8,  # num_warps for buckets of <= 8192 elements per program
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
     "qpack_maxnreg_8k": 72,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
-    "qpack_maxnreg_16k": 64,  # same, 16384 (64: two programs per SM instead of one, a few spills; H200 sweep)
+    "qpack_maxnreg_16k": 128,  # same, 16384 (looping: one program per SM, no spills; H200 sweep)
     "qpack_loop_8k": False,  # <= 8192 elements per program: programs walk several blocks (prefetching the next)
     "qpack_loop_16k": True,  # same, 16384
     "qpack_loop_per_sm": 1,  # looping programs per multiprocessor
@@ -132,9 +136,10 @@ def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
         grp = tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2))
         s = tl.max(grp, axis=1)
     else:
+        # x**2 is exact in float64, so the two sums below equal float64 sums of squares
         a64 = a.to(tl.float64)
         b64 = b.to(tl.float64)
-        grp = tl.sum(a64 * a64, axis=2) + tl.sum(b64 * b64, axis=2)
+        grp = tl.sum(tl.fma(a64, a64, b64 * b64), axis=2)
         s = _sqrt64(tl.sum(grp, axis=1), LIB).to(tl.float32)
     return s
 
