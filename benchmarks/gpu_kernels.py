@@ -260,19 +260,16 @@ def main() -> None:
             sweep: dict[str, Any] = {}
             saved = dict(_kernels.TUNING)
             ref_seeded = alq_torch.quantize_encode(x, levels, config, seed=1)  # device noise: index-determined
-            # (looping programs: 0 none, 1 register prefetch, >= 2 pipeline stages; num_warps; register cap;
-            # looping programs per SM), for both bucket sizes
+            # (looping programs?, num_warps, register cap, looping programs per SM), for both bucket sizes
             for loop, w, r, per_sm in (
-                (0, 8, 72, 1),
-                (0, 16, 64, 1),
-                (1, 16, 128, 1),
-                (1, 8, 128, 2),
-                (2, 32, 64, 1),
-                (2, 16, 128, 1),
-                (2, 16, 64, 2),
-                (2, 8, 72, 3),
-                (3, 32, 64, 1),
-                (2, 16, 64, 1),
+                (False, 8, 72, 1),
+                (False, 16, 64, 1),
+                (True, 16, 128, 1),
+                (True, 16, 96, 1),
+                (True, 32, 64, 1),
+                (True, 8, 128, 2),
+                (True, 8, 80, 3),
+                (True, 16, 64, 2),
             ):
                 name = f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"
                 var = {"qpack_loop_per_sm": per_sm}

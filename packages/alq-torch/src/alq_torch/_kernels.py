@@ -72,10 +72,8 @@ TUNING: dict[str, Any] = {
     "qpack_warps_16k": 16,  # num_warps for 16384 elements per program
     "qpack_maxnreg_8k": 72,  # register cap per thread, <= 8192 elements per program (0: the compiler's choice)
     "qpack_maxnreg_16k": 128,  # same, 16384 (looping: one program per SM, no spills; H200 sweep)
-    # looping programs (0: none; 1: next block prefetched into registers; >= 2: pipeline stages), <= 8192
-    # elements per program
-    "qpack_loop_8k": 0,
-    "qpack_loop_16k": 1,  # same, 16384
+    "qpack_loop_8k": False,  # <= 8192 elements per program: programs walk several blocks (prefetching the next)
+    "qpack_loop_16k": True,  # same, 16384
     "qpack_loop_per_sm": 1,  # looping programs per multiprocessor
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
@@ -402,70 +400,42 @@ def _load_tile(x_ptr, rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexp
 
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
 # compile new variants mid-training whenever a seed first falls into another class.
-@triton.jit
-def _qpack_block(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, blk, m, full_end, ngroups, seed, clip_bits, codes_off,
-    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
-    LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
-):  # fmt: skip
-    """Block ``blk`` of full buckets; nothing is stored for rows at or past ``full_end`` (a block past the end)."""
-    rows = blk * ROWS + tl.arange(0, ROWS)
-    a, b = _load_tile(x_ptr, rows, m, full_end, ngroups, D, G, False)
-    _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, full_end, ngroups, seed, clip_bits,
-                codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
-
-
-# The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
-# compile new variants mid-training whenever a seed first falls into another class.
 @triton.jit(do_not_specialize=["seed", "clip_bits"])
 def _qpack_kernel(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off,
-    n_loop, n_iter,
+    x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
     D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
     LOOP: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole buckets per block of rows; blocks below ``n_even`` hold only full buckets.
 
-    ``LOOP`` 0: program ``pid`` takes block ``pid``. Otherwise programs below ``n_loop`` each
-    walk the full blocks ``pid, pid + n_loop, ...`` (``n_iter`` steps, the last one possibly past
-    the end) and program ``n_loop + i`` takes the partial block ``n_even + i``. ``LOOP`` 1: the
-    next block's loads are issued (into registers) before the current block's arithmetic;
-    ``LOOP`` >= 2: Triton's software pipeline with that many stages (loads into shared memory).
-    Either way one block's memory traffic overlaps another's arithmetic.
+    ``LOOP``: programs below ``n_loop`` each walk the full blocks ``pid, pid + n_loop, ...`` and issue
+    the next block's loads before the current block's arithmetic (the memory traffic of one block
+    overlaps the arithmetic of the other); program ``n_loop + i`` takes the partial block ``n_even + i``.
+    Otherwise program ``pid`` takes block ``pid``.
     """
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
     rng = tl.arange(0, ROWS)
-    full_end = n_even * ROWS
-    if LOOP == 0:
-        blk_tail = pid
-        if pid < n_even:
-            _qpack_block(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid, m, nb, ngroups, seed, clip_bits, codes_off,
-                         D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS)  # fmt: skip
-    else:
+    if LOOP:
         blk_tail = n_even + pid - n_loop
         if pid < n_loop:
-            if LOOP == 1:
-                a, b = _load_tile(x_ptr, pid * ROWS + rng, m, full_end, ngroups, D, G, False)
-                blk = pid
-                while blk < n_even:  # (not a range: the interpreter cannot bound one by run-time values)
-                    an, bn = _load_tile(x_ptr, (blk + n_loop) * ROWS + rng, m, full_end, ngroups, D, G, False)
-                    _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, blk * ROWS + rng, m, nb, ngroups,
-                                seed, clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
-                    a = an
-                    b = bn
-                    blk += n_loop
-            elif LIB:
-                for i in tl.range(0, n_iter, num_stages=LOOP):
-                    _qpack_block(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid + i * n_loop, m, full_end, ngroups,
-                                 seed, clip_bits, codes_off, D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS)  # fmt: skip
-            else:  # the interpreter: the same blocks, one after the other
-                i = 0
-                while i < n_iter:
-                    _qpack_block(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid + i * n_loop, m, full_end, ngroups,
-                                 seed, clip_bits, codes_off, D, G, ROWS, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS)  # fmt: skip
-                    i += 1
+            full_end = n_even * ROWS
+            a, b = _load_tile(x_ptr, pid * ROWS + rng, m, full_end, ngroups, D, G, False)
+            blk = pid
+            while blk < n_even:  # (not a range: the interpreter cannot bound one by run-time values)
+                an, bn = _load_tile(x_ptr, (blk + n_loop) * ROWS + rng, m, full_end, ngroups, D, G, False)
+                _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, blk * ROWS + rng, m, nb, ngroups, seed,
+                            clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+                a = an
+                b = bn
+                blk += n_loop
+    else:
+        blk_tail = pid
+        if pid < n_even:
+            a, b = _load_tile(x_ptr, pid * ROWS + rng, m, nb, ngroups, D, G, False)
+            _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
+                        clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
     if blk_tail >= n_even:
         rows = blk_tail * ROWS + rng
         a, b = _load_tile(x_ptr, rows, m, nb, ngroups, D, G, True)
@@ -473,7 +443,7 @@ def _qpack_kernel(
                     codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-def _qpack_params(d: int) -> tuple[int, int, int, int, int]:
+def _qpack_params(d: int) -> tuple[int, int, int, int, bool]:
     """(ROWS, G, num_warps, maxnreg, LOOP) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
@@ -483,7 +453,7 @@ def _qpack_params(d: int) -> tuple[int, int, int, int, int]:
     if elems <= 2048:
         warps = min(warps, 4)
     cap = int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
-    return rows, dp2 // 8, warps, cap, int(TUNING["qpack_loop_16k"] if big else TUNING["qpack_loop_8k"])
+    return rows, dp2 // 8, warps, cap, bool(TUNING["qpack_loop_16k"] if big else TUNING["qpack_loop_8k"])
 
 
 @functools.cache
@@ -533,7 +503,7 @@ def quantize_pack(
         extra["maxnreg"] = cap
     _qpack_kernel[(max(1, n_loop + n_blocks - n_even if loop else n_blocks),)](
         src, u, table.levels, table.pairs, head, out,
-        m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop, -(-n_even // max(1, n_loop)),
+        m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
         D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
         LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
         LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop,
