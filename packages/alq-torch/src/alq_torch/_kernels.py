@@ -136,7 +136,7 @@ def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
         grp = tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2))
         s = tl.max(grp, axis=1)
     else:
-        # x**2 is exact in float64, so the two sums below equal float64 sums of squares
+        # x**2 is exact in float64: fma(a, a, b * b) is a**2 + b**2 rounded once, as in a plain float64 sum
         a64 = a.to(tl.float64)
         b64 = b.to(tl.float64)
         grp = tl.sum(tl.fma(a64, a64, b64 * b64), axis=2)
@@ -366,7 +366,7 @@ def _quantize_store(
 
 @triton.jit
 def _qpack_tile(
-    a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, row_end, ngroups, seed, clip_bits, codes_off,
+    a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, row_end, ngroups, seed, clip_bits, codes_off,
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
     MASKED: tl.constexpr,
@@ -425,7 +425,7 @@ def _qpack_kernel(
             blk = pid
             while blk < n_even:  # (not a range: the interpreter cannot bound one by run-time values)
                 an, bn = _load_tile(x_ptr, (blk + n_loop) * ROWS + rng, m, full_end, ngroups, D, G, False)
-                _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, blk * ROWS + rng, m, nb, ngroups, seed,
+                _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, blk * ROWS + rng, m, nb, ngroups, seed,
                             clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
                 a = an
                 b = bn
@@ -434,12 +434,12 @@ def _qpack_kernel(
         blk_tail = pid
         if pid < n_even:
             a, b = _load_tile(x_ptr, pid * ROWS + rng, m, nb, ngroups, D, G, False)
-            _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
+            _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
                         clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
     if blk_tail >= n_even:
         rows = blk_tail * ROWS + rng
         a, b = _load_tile(x_ptr, rows, m, nb, ngroups, D, G, True)
-        _qpack_tile(a, b, x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, nb, ngroups, seed, clip_bits,
+        _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, nb, ngroups, seed, clip_bits,
                     codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
