@@ -14,7 +14,8 @@ and 16384, all in one run and with medians of ``triton.testing.do_bench``
     quantize -> dequantize; see :func:`naive_quantize_dequantize` for exactly what
     it runs), and for context a leaner variant whose search is one bucketize;
 (b) the fused quantize+pack kernel (``alq_torch.quantize_encode``), with device
-    noise and with given noise, and a sweep of its widths and register caps;
+    noise and with given noise, and a sweep of its launch shapes (looping or
+    not, widths, register caps), each checked before it is timed;
 (c) decode+average of W = 2, 4, 8 payloads (``alq_torch.decode_sum``: the API
     with its host header check, the API with ``check_headers=False`` as the DDP
     hook called it before, the API with a device-side header check (a flag
@@ -25,8 +26,9 @@ and 16384, all in one run and with medians of ``triton.testing.do_bench``
 Every timed function's result is checked (bytes equal to alq_core on the same
 noise, codes within their level bracket, sums equal to the torch composition).
 
-Without a GPU it runs the same code in Triton's interpreter on CPU tensors at a
-small size (``--n``), which checks the script, not the speed.
+Without a GPU it runs the same code (sweeps included; ``--no-sweep`` skips them)
+in Triton's interpreter on CPU tensors at a small size (``--n``), which checks
+the script and every variant's bytes, not the speed.
 """
 
 # ruff: noqa: B023  (timed lambdas run inside the loop iteration that defines them)
@@ -72,6 +74,33 @@ def bench(fn: Callable[[], Any], device: str) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def sweep_tuning(
+    variants: dict[str, dict[str, Any]], check: Callable[[], None], run: Callable[[], Any], device: str
+) -> tuple[dict[str, float | str], str | None]:
+    """Median seconds of ``run`` under each ``_kernels.TUNING`` override, after ``check`` passes.
+
+    A variant that fails (compiler limits, a wrong result) is reported as a string, not raised.
+    ``TUNING`` is restored afterwards. Returns the results and the fastest variant's name.
+    """
+    saved = dict(_kernels.TUNING)
+    res: dict[str, float | str] = {}
+    try:
+        for name, var in variants.items():
+            _kernels.TUNING.clear()
+            _kernels.TUNING.update(saved)
+            _kernels.TUNING.update(var)
+            try:
+                check()
+                res[name] = bench(run, device)
+            except Exception as exc:
+                res[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+    finally:
+        _kernels.TUNING.clear()
+        _kernels.TUNING.update(saved)
+    timed = {k: v for k, v in res.items() if isinstance(v, float)}
+    return res, min(timed, key=timed.__getitem__) if timed else None
 
 
 def naive_magnitudes(levels: torch.Tensor) -> torch.Tensor:
@@ -256,11 +285,17 @@ def main() -> None:
         )
         rows.append(("fused quantize+pack (given noise)", key, t_given, "reads noise too"))
 
-        if not args.no_sweep and CUDA:
-            sweep: dict[str, Any] = {}
-            saved = dict(_kernels.TUNING)
+        if not args.no_sweep:
             ref_seeded = alq_torch.quantize_encode(x, levels, config, seed=1)  # device noise: index-determined
+
+            def check_variant() -> None:
+                got = alq_torch.quantize_encode(x, levels, config, noise=u, out=buf)
+                assert torch.equal(got, ref_full), "bytes differ from the torch composition"
+                got = alq_torch.quantize_encode(x, levels, config, seed=1, out=buf)
+                assert torch.equal(got, ref_seeded), "device-noise bytes differ from the default launch's"
+
             # (looping programs?, num_warps, register cap, looping programs per SM), for both bucket sizes
+            variants: dict[str, dict[str, Any]] = {}
             for loop, w, r, per_sm in (
                 (False, 8, 72, 1),
                 (False, 16, 64, 1),
@@ -271,32 +306,22 @@ def main() -> None:
                 (True, 8, 80, 3),
                 (True, 16, 64, 2),
             ):
-                name = f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"
-                var = {"qpack_loop_per_sm": per_sm}
+                var: dict[str, Any] = {"qpack_loop_per_sm": per_sm}
                 for size_key in ("8k", "16k"):
                     var.update(
                         {f"qpack_loop_{size_key}": loop, f"qpack_warps_{size_key}": w, f"qpack_maxnreg_{size_key}": r}
                     )
-                _kernels.TUNING.update(saved)
-                _kernels.TUNING.update(var)
-                try:
-                    got = alq_torch.quantize_encode(x, levels, config, noise=u, out=buf)
-                    assert torch.equal(got, ref_full), "bytes differ from the torch composition"
-                    got = alq_torch.quantize_encode(x, levels, config, seed=1, out=buf)
-                    assert torch.equal(got, ref_seeded), "device-noise bytes differ from the default launch's"
-                    # the kernel alone: the API adds host work that can exceed the kernel's own time
-                    sweep[name] = bench(
-                        lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=1), device
-                    )
-                except Exception as exc:  # a width the compiler rejects is reported, not fatal
-                    sweep[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
-            _kernels.TUNING.clear()
-            _kernels.TUNING.update(saved)
+                variants[f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"] = var
+            # timed: the kernel alone (the API adds host work that can exceed the kernel's own time)
+            sweep, best = sweep_tuning(
+                variants,
+                check_variant,
+                lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=1),
+                device,
+            )
             out["fused_quantize_pack_sweep"] = sweep
-            timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
-            if timed:
-                best = min(timed, key=timed.__getitem__)
-                out["fused_quantize_pack_best"] = {"tuning": best, "seconds": timed[best]}
+            if best is not None:
+                out["fused_quantize_pack_best"] = {"tuning": best, "seconds": sweep[best]}
             for k, v in sweep.items():
                 rows.append(
                     (
@@ -383,43 +408,33 @@ def main() -> None:
                     f"{t_api_flag / floor:.2f}x floor (as the DDP hook calls it)",
                 )
             )
-            if not args.no_sweep and CUDA:
-                dsweep: dict[str, Any] = {}
-                saved = dict(_kernels.TUNING)
-                for blk, warps, pairs in (
-                    (2048, 4, 1),
-                    (2048, 4, 0),
-                    (4096, 4, 0),
-                    (1024, 4, 0),
-                    (2048, 8, 1),
-                    (4096, 8, 1),
-                    (1024, 4, 1),
-                ):
-                    name = f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}"
-                    _kernels.TUNING.update(
-                        {"decode_block": blk, "decode_warps": warps, "decode_pairs_min_w": 1 if pairs else 10**9}
-                    )
-                    try:
-                        _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32)
-                        assert torch.equal(avg, trusted), "sum differs"
-                        dsweep[name] = bench(
-                            lambda: _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32),
-                            device,
-                        )
-                    except Exception as exc:
-                        dsweep[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
-                _kernels.TUNING.clear()
-                _kernels.TUNING.update(saved)
-                entry["kernel_sweep"] = dsweep
-                timed = {k: v for k, v in dsweep.items() if isinstance(v, float)}
-                if timed:
-                    best = min(timed, key=timed.__getitem__)
-                    entry["kernel_best"] = {
-                        "tuning": best,
-                        "seconds": timed[best],
-                        "ratio_to_floor": timed[best] / floor,
+            if not args.no_sweep:
+
+                def check_sum() -> None:
+                    _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32)
+                    assert torch.equal(avg, trusted), "sum differs"
+
+                dvariants = {
+                    f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}": {
+                        "decode_block": blk,
+                        "decode_warps": warps,
+                        "decode_pairs_min_w": 1 if pairs else 10**9,
                     }
-                    rows.append((f"  best decode W={w}: {best}", key, timed[best], f"{timed[best] / floor:.2f}x floor"))
+                    for blk, warps, pairs in (
+                        (2048, 4, 1), (2048, 4, 0), (4096, 4, 0), (1024, 4, 0), (2048, 8, 1), (4096, 8, 1), (1024, 4, 1)
+                    )
+                }  # fmt: skip
+                dsweep, best = sweep_tuning(
+                    dvariants,
+                    check_sum,
+                    lambda: _kernels.decode_sum(payloads, table, config, m_q, off_codes, avg, scale32),
+                    device,
+                )
+                entry["kernel_sweep"] = dsweep
+                if best is not None:
+                    t_best = float(dsweep[best])
+                    entry["kernel_best"] = {"tuning": best, "seconds": t_best, "ratio_to_floor": t_best / floor}
+                    rows.append((f"  best decode W={w}: {best}", key, t_best, f"{t_best / floor:.2f}x floor"))
 
     with open(args.output, "w") as fh:
         json.dump(res, fh, indent=2)
