@@ -222,6 +222,13 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
     paths = []
 
+    def save(fig: Any, name: str) -> str:
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         x, y = _series(results, m, "val_acc")
@@ -232,11 +239,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     ax.set_title(f"Validation accuracy (mean over seeds){' — ' + title if title else ''}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "accuracy.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save(fig, "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -251,11 +254,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     ax.set_title(f"Normalized quantization variance{' — ' + title if title else ''}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "variance.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save(fig, "variance.png"))
 
     adaptive = [m for m in methods if m in ("alq", "alq-n", "amq", "amq-n")]
     if adaptive:
@@ -274,11 +273,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
             ax.grid(alpha=0.3, which="both")
         axes[0][0].set_ylabel("positive levels")
         fig.suptitle(f"Evolution of the adaptive levels{' — ' + title if title else ''}", fontsize=10)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "levels.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save(fig, "levels.png"))
     return paths
 
 
