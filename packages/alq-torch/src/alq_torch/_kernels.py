@@ -412,7 +412,8 @@ def _qpack_kernel(
     ``LOOP``: programs below ``n_loop`` each walk the full blocks ``pid, pid + n_loop, ...`` and issue
     the next block's loads before the current block's arithmetic (the memory traffic of one block
     overlaps the arithmetic of the other); program ``n_loop + i`` takes the partial block ``n_even + i``.
-    Otherwise program ``pid`` takes block ``pid``.
+    Otherwise program ``pid`` takes block ``pid``. The split is static: where other kernels hold SMs
+    (NCCL in a DDP step), a program that starts late still walks its whole share (not measured).
     """
     pid = tl.program_id(0)
     _store_header(out_ptr, head_ptr, pid)
