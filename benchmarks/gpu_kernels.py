@@ -108,7 +108,7 @@ def naive_magnitudes(levels: torch.Tensor) -> torch.Tensor:
     return levels[levels >= 0].contiguous()
 
 
-def naive_quantize_dequantize(x: torch.Tensor, mags: torch.Tensor, d: int) -> torch.Tensor:
+def naive_quantize_dequantize(x: torch.Tensor, mags: torch.Tensor, d: int, *, bucketize: bool = False) -> torch.Tensor:
     """The reference-style pipeline: what a straightforward torch port of the paper's code does.
 
     Per call, over the ``n // d`` full buckets (one elementwise torch kernel per line, no fusion):
@@ -116,7 +116,8 @@ def naive_quantize_dequantize(x: torch.Tensor, mags: torch.Tensor, d: int) -> to
     magnitude; int64 random integers turned into float32 uniforms; a level search over the
     ``k`` magnitude intervals (per interval: two comparisons, an and, two selects of the
     bracket); ``p``, the stochastic choice, and the dequantized ``sign * level * norm``. No host
-    synchronization (the magnitudes are computed once, outside).
+    synchronization (the magnitudes are computed once, outside). ``bucketize``: a leaner search
+    (for context, not the target's baseline): one ``torch.bucketize`` and two gathers.
     """
     n = x.numel()
     full = n // d * d
@@ -127,35 +128,17 @@ def naive_quantize_dequantize(x: torch.Tensor, mags: torch.Tensor, d: int) -> to
     a = v.abs()
     r = torch.randint(0, 2**31, xb.shape, dtype=torch.int64, device=x.device)  # int64 random integers
     u = r.to(torch.float32) / 2**31
-    lo = torch.zeros_like(a)
-    hi = torch.ones_like(a)
-    for k in range(mags.numel() - 1):  # level search by comparisons
-        inside = (a >= mags[k]) & (a < mags[k + 1])
-        lo = torch.where(inside, mags[k], lo)
-        hi = torch.where(inside, mags[k + 1], hi)
-    p = (a - lo) / (hi - lo)
-    q = torch.where(u < p, hi, lo)
-    out = torch.empty_like(x)
-    out[:full] = (sign * q * norm).reshape(-1)
-    out[full:] = x[full:]
-    return out
-
-
-def naive_bucketize_quantize_dequantize(x: torch.Tensor, mags: torch.Tensor, d: int) -> torch.Tensor:
-    """A leaner naive variant (for context, not the target's baseline): the level search is one
-    ``torch.bucketize`` and two gathers instead of the comparison loop; everything else as above."""
-    n = x.numel()
-    full = n // d * d
-    xb = x[:full].view(-1, d)
-    norm = xb.norm(p=2, dim=1, keepdim=True).expand_as(xb)
-    v = xb / (norm + 1e-7)
-    sign = torch.sign(v)
-    a = v.abs()
-    r = torch.randint(0, 2**31, xb.shape, dtype=torch.int64, device=x.device)
-    u = r.to(torch.float32) / 2**31
-    idx = torch.bucketize(a, mags[1:-1], right=True)
-    lo = mags[idx]
-    hi = mags[idx + 1]
+    if bucketize:
+        idx = torch.bucketize(a, mags[1:-1], right=True)
+        lo = mags[idx]
+        hi = mags[idx + 1]
+    else:
+        lo = torch.zeros_like(a)
+        hi = torch.ones_like(a)
+        for k in range(mags.numel() - 1):  # level search by comparisons
+            inside = (a >= mags[k]) & (a < mags[k + 1])
+            lo = torch.where(inside, mags[k], lo)
+            hi = torch.where(inside, mags[k + 1], hi)
     p = (a - lo) / (hi - lo)
     q = torch.where(u < p, hi, lo)
     out = torch.empty_like(x)
@@ -237,8 +220,8 @@ def main() -> None:
         t_naive = bench(lambda: naive_quantize_dequantize(x, mags, d), device)
         out["naive_quantize_dequantize"] = {"seconds": t_naive, "elements_per_s": n / t_naive}
         rows.append(("naive quantize->dequantize", key, t_naive, f"{n / t_naive / 1e9:.1f} G el/s"))
-        check_naive(x, naive_bucketize_quantize_dequantize(x, mags, d), d)
-        t_lean = bench(lambda: naive_bucketize_quantize_dequantize(x, mags, d), device)
+        check_naive(x, naive_quantize_dequantize(x, mags, d, bucketize=True), d)
+        t_lean = bench(lambda: naive_quantize_dequantize(x, mags, d, bucketize=True), device)
         out["naive_bucketize_quantize_dequantize"] = {"seconds": t_lean, "elements_per_s": n / t_lean}
         rows.append(("naive, bucketize search (context)", key, t_lean, f"{n / t_lean / 1e9:.1f} G el/s"))
 
