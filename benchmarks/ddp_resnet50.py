@@ -148,20 +148,15 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, Callable[[], tuple[Any
 # --------------------------------------------------------------------- timing
 
 
-def _profile_steps(
-    name: str, ddp: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, args: Any
-) -> None:
+def _profile_steps(setup: _Setup) -> None:
     """Three more steps under torch.profiler on every rank; rank 0 writes the op tables next to ``--out``."""
     from torch.profiler import ProfilerActivity, profile
 
+    name, device, args = setup.name, setup.device, setup.args
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
-            opt.zero_grad(set_to_none=args.set_to_none)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = nn.functional.cross_entropy(ddp(x), y)
-            loss.backward()
-            opt.step()
+            setup.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     if dist.get_rank() != 0:
@@ -194,6 +189,7 @@ class _Setup:
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
             bucket_cap_mb=args.bucket_cap_mb,
+            broadcast_buffers=args.broadcast_buffers,
         )
         hook = make()
         self.state: Any = None
@@ -202,8 +198,8 @@ class _Setup:
             self.ddp.register_comm_hook(self.state, fn)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=0.01, momentum=0.9)
         # --compile: the forward/backward graphs compiled (DDP splits them at its buckets); the comm hook
-        # still runs eagerly from DDP's reducer
-        self.model: Any = torch.compile(self.ddp) if args.compile else self.ddp
+        # still runs eagerly from DDP's reducer, between the pieces (also between their CUDA graphs)
+        self.model: Any = torch.compile(self.ddp, mode=args.compile) if args.compile else self.ddp
         gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
         self.x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=gen)
         if args.channels_last:
@@ -216,15 +212,21 @@ class _Setup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def step(self) -> None:
+        """One training step (forward, backward with the communication, optimizer), not synchronized."""
+        if self.args.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        self.opt.zero_grad(set_to_none=self.args.set_to_none)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            self.loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.loss.backward()
+        self.opt.step()
+
     def run(self, steps: int, timed: bool) -> None:
         for _ in range(steps):
             self._sync()
             t0 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=self.args.set_to_none)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                self.loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-            self.loss.backward()
-            self.opt.step()
+            self.step()
             self._sync()
             if timed:
                 self.times.append((time.perf_counter() - t0) * 1e3)
@@ -232,7 +234,7 @@ class _Setup:
     def result(self) -> dict[str, Any]:
         args = self.args
         if args.profile:  # every rank steps (the collectives need them all); rank 0 writes
-            _profile_steps(self.name, self.model, self.opt, self.x, self.y, self.device, args)
+            _profile_steps(self)
         # the slowest rank sets the pace: take the per-step max over ranks
         t = torch.tensor(self.times, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -342,8 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="rank 0 writes torch.profiler tables per configuration")
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the DDP model (less Python per step: the host-bound eager step hides communication)",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile the DDP model with this mode (alone: 'default'); 'reduce-overhead' replays the"
+        " compiled forward/backward pieces as CUDA graphs, for hosts whose kernel launches set the step time",
+    )
+    p.add_argument(
+        "--no-broadcast-buffers",
+        dest="broadcast_buffers",
+        action="store_false",
+        help="DDP(broadcast_buffers=False): no per-forward broadcast of the BatchNorm statistics from rank 0",
     )
     p.add_argument(
         "--set-to-none",
@@ -353,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         " of the buckets (gradient_as_bucket_view=True), for every configuration alike",
     )
     args = p.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # --profile writes there early
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if args.cpu_smoke:
@@ -407,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": args.channels_last,
         "gradient_as_bucket_view": True,
         "compiled": args.compile,
+        "broadcast_buffers": args.broadcast_buffers,
         "zero_grad_set_to_none": args.set_to_none,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
@@ -420,7 +433,6 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": args.baseline,
     }
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(
