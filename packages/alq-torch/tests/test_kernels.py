@@ -211,13 +211,23 @@ def test_device_noise_is_deterministic_and_unbiased(kernels: dict[str, int]) -> 
     ],
 )
 @pytest.mark.parametrize("pairs", [1, 0])
+@pytest.mark.parametrize("d", [96, 100])
 def test_decode_sum_kernel_matches_composition(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, w: int, method: str, bits: int, tail: str, pairs: int
+    kernels: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    w: int,
+    method: str,
+    bits: int,
+    tail: str,
+    pairs: int,
+    d: int,
 ) -> None:
+    """Pair lookups or single ones; buckets that are whole groups of 8 codes (96) or not (100: a group
+    then straddles two buckets' scales)."""
     from alq_torch import _kernels
 
     monkeypatch.setitem(_kernels.TUNING, "decode_pairs_min_w", 1 if pairs else 10**9)
-    config = QuantizerConfig(method, bits=bits, bucket_size=96, tail=tail, nonfinite="propagate")
+    config = QuantizerConfig(method, bits=bits, bucket_size=d, tail=tail, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000
     xs = [_x(n, seed=i) * (i + 1) for i in range(w)]

@@ -703,7 +703,8 @@ def decode_sum(
     interp = _interpret()
     extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["decode_warps"]), "enable_fp_fusion": False}
     grid = (-(-m // block),)
-    pair = table.code_pairs.numel() > 0 and w_count >= int(TUNING["decode_pairs_min_w"])
+    # pair lookups take one scale per group of 8 codes: buckets must be whole groups
+    pair = table.code_pairs.numel() > 0 and config.bucket_size % 8 == 0 and w_count >= int(TUNING["decode_pairs_min_w"])
     head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
     _decode_sum_kernel[grid](
         payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
