@@ -398,13 +398,15 @@ def main() -> None:
                     assert torch.equal(avg, trusted), "sum differs"
 
                 dvariants = {
-                    f"decode_block={blk},decode_warps={warps},decode_pairs={pairs}": {
+                    f"decode_block={blk},decode_warps={warps},decode_pairs={pairs},decode_words={words}": {
                         "decode_block": blk,
                         "decode_warps": warps,
                         "decode_pairs_min_w": 1 if pairs else 10**9,
+                        "decode_words": bool(words),
                     }
-                    for blk, warps, pairs in (
-                        (2048, 4, 1), (2048, 4, 0), (4096, 4, 0), (1024, 4, 0), (2048, 8, 1), (4096, 8, 1), (1024, 4, 1)
+                    for blk, warps, pairs, words in (
+                        (2048, 4, 1, 0), (2048, 4, 1, 1), (2048, 4, 0, 0), (2048, 4, 0, 1), (4096, 4, 1, 1),
+                        (1024, 4, 1, 1), (1024, 2, 1, 1), (2048, 8, 1, 1), (4096, 8, 1, 1), (4096, 4, 0, 1),
                     )
                 }  # fmt: skip
                 dsweep, best = sweep_tuning(

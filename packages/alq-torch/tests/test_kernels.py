@@ -28,6 +28,8 @@ from alq_torch import decode_sum, quantize_encode  # noqa: E402
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install 'alq-torch[triton]')")
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+#: decode_sum's aligned-word loads (TUNING["decode_words"]) are inline PTX: compiled only
+WORDS = [False, pytest.param(True, marks=pytest.mark.skipif(not CUDA, reason="word loads are inline PTX (GPU)"))]
 
 
 @pytest.fixture
@@ -212,6 +214,7 @@ def test_device_noise_is_deterministic_and_unbiased(kernels: dict[str, int]) -> 
 )
 @pytest.mark.parametrize("pairs", [1, 0])
 @pytest.mark.parametrize("d", [96, 100])
+@pytest.mark.parametrize("words", WORDS)
 def test_decode_sum_kernel_matches_composition(
     kernels: dict[str, int],
     monkeypatch: pytest.MonkeyPatch,
@@ -221,12 +224,14 @@ def test_decode_sum_kernel_matches_composition(
     tail: str,
     pairs: int,
     d: int,
+    words: bool,
 ) -> None:
     """Pair lookups or single ones; buckets that are whole groups of 8 codes (96) or not (100: a group
-    then straddles two buckets' scales)."""
+    then straddles two buckets' scales); code bytes read one by one or as aligned words."""
     from alq_torch import _kernels
 
     monkeypatch.setitem(_kernels.TUNING, "decode_pairs_min_w", 1 if pairs else 10**9)
+    monkeypatch.setitem(_kernels.TUNING, "decode_words", words)
     config = QuantizerConfig(method, bits=bits, bucket_size=d, tail=tail, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000
@@ -302,12 +307,14 @@ def test_program_shapes_match_core(
 
 
 @pytest.mark.parametrize(("w", "block"), [(3, 64), (20, 2048), (20, 64)])
+@pytest.mark.parametrize("words", WORDS)
 def test_decode_sum_scalar_scale_and_runtime_loop(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, w: int, block: int
+    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, w: int, block: int, words: bool
 ) -> None:
     from alq_torch import _kernels
 
     monkeypatch.setitem(_kernels.TUNING, "decode_block", block)
+    monkeypatch.setitem(_kernels.TUNING, "decode_words", words)
     config = QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="propagate")
     levels = default_levels(config)
     n = 1000
@@ -319,12 +326,13 @@ def test_decode_sum_scalar_scale_and_runtime_loop(
     assert acc is not None
     got = decode_sum(payloads.to(DEVICE), levels, config, n, scale=1 / w)
     np.testing.assert_array_equal(got.cpu().numpy(), acc * np.float32(1 / w))
-    # rows starting at odd byte offsets (a view into a bigger buffer)
-    buf = torch.zeros((w, payloads.shape[1] + 3), dtype=torch.uint8)
-    buf[:, 1 : 1 + payloads.shape[1]] = payloads
-    got2 = decode_sum(buf[:, 1 : 1 + payloads.shape[1]].to(DEVICE), levels, config, n, scale=1 / w)
-    assert torch.equal(got2, got)
-    assert kernels["decode_sum"] == 2
+    # rows starting at every byte offset mod 4 (views into a bigger buffer; the row stride odd too)
+    for off in (1, 2, 3):
+        buf = torch.zeros((w, payloads.shape[1] + 3), dtype=torch.uint8)
+        buf[:, off : off + payloads.shape[1]] = payloads
+        got2 = decode_sum(buf[:, off : off + payloads.shape[1]].to(DEVICE), levels, config, n, scale=1 / w)
+        assert torch.equal(got2, got), f"rows at byte offset {off}"
+    assert kernels["decode_sum"] == 4
 
 
 def test_decode_sum_check_headers_false_skips_the_host_check(kernels: dict[str, int]) -> None:
@@ -422,12 +430,13 @@ for loop in (False, True):
 dsig = {"p_ptr": "*u8", "stride_w": "i64", "lut_ptr": "*fp32", "pair_ptr": "*i64", "out_ptr": "*fp32",
         "head_ptr": "*u8", "flag_ptr": "*i32", "m": "i32", "ngroups": "i32", "codes_off": "i32", "scale": "fp32",
         "n_w": "i32"}
-for pair, bits, unroll in ((True, 3, 4), (False, 6, 4), (True, 2, 0)):
+for pair, bits, unroll, words in ((True, 3, 4, False), (True, 3, 8, True), (False, 6, 4, True), (True, 2, 0, True)):
     dconsts = {"D": 8192, "BITS": bits, "BLOCK": 2048, "UNROLL": unroll, "HAS_SCALE": True, "PAIR": pair,
-               "LIB": True, "CHECK": True, "HW": 4}
+               "LIB": True, "CHECK": True, "HW": 4, "WORDS": words}
     dk = build(_kernels._decode_sum_kernel, dsig, dconsts, 4)
     assert "fma.rn.f32" not in dk.asm["ptx"], "decode_sum fuses acc + s * l"
     assert pair == ("ld.global.nc.v2.b32" in dk.asm["ptx"]), "two-code lookup"
+    assert words == ("shf.r.clamp.b32" in dk.asm["ptx"]), "aligned-word loads"
 print("OK")
 """
 

@@ -79,6 +79,7 @@ TUNING: dict[str, Any] = {
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
     "decode_pairs_min_w": 8,  # from this many payloads on, look two codes up at once (code_bits <= 4)
+    "decode_words": False,  # read each 8-code group's bytes as one or two aligned words (compiled only)
 }
 
 
@@ -520,10 +521,12 @@ def quantize_pack(
 
 
 @triton.jit
-def _payload_scale(row, bucket, mask, SCALAR: tl.constexpr):
+def _payload_scale(row, bucket, mask, SCALAR: tl.constexpr, WORDS: tl.constexpr):
     """The float32 scale of ``bucket`` straight from its 4 payload bytes (little-endian; may be unaligned)."""
     sp = row + HEADER + bucket * 4
-    if SCALAR:
+    if WORDS:
+        sb = _load_le(row.to(tl.int64, bitcast=True) + HEADER + bucket * 4, bucket >= 0 if SCALAR else mask, 4)
+    elif SCALAR:
         sb = tl.load(sp).to(tl.int32)
         for i in tl.static_range(1, 4):
             sb = sb | (tl.load(sp + i).to(tl.int32) << (8 * i))
@@ -535,44 +538,124 @@ def _payload_scale(row, bucket, mask, SCALAR: tl.constexpr):
 
 
 @triton.jit
+def _load_le(addr, mask, NBYTES: tl.constexpr):
+    """The ``NBYTES`` (1..4) bytes at byte addresses ``addr`` (int64, any shape; any alignment) as a
+    little-endian int32 (higher bits undefined; 0 where ``mask`` is false). Compiled only.
+
+    Inline PTX reads the aligned 32-bit word holding the first byte, and the next one only when the
+    bytes run into it, and funnel-shifts them: one or two loads instead of ``NBYTES`` byte loads. An
+    aligned word that holds a wanted byte never leaves that byte's page.
+    """
+    return tl.inline_asm_elementwise(
+        "{ .reg .u64 a; .reg .u32 o, w0, w1; .reg .pred p, q;"
+        " and.b64 a, $1, -4; cvt.u32.u64 o, $1; and.b32 o, o, 3;"
+        " setp.ne.s32 p, $2, 0; setp.gt.u32 q, o, $3; and.pred q, q, p;"
+        " mov.u32 w0, 0; mov.u32 w1, 0;"
+        " @p ld.global.nc.u32 w0, [a]; @q ld.global.nc.u32 w1, [a+4];"
+        " shl.b32 o, o, 3; shf.r.clamp.b32 $0, w0, w1, o; }",
+        "=r,l,r,r",
+        [addr, mask.to(tl.int32), tl.full(addr.shape, 4 - NBYTES, tl.int32)],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _group_word(row, codes_off, g, gm, BITS: tl.constexpr, WORDS: tl.constexpr):
+    """The ``BITS`` code bytes of 8-code groups ``g`` (int64, any shape; masked by ``gm``) in the low bits
+    of an int32 (``BITS <= 4``; higher bits undefined with ``WORDS``: aligned-word loads, compiled only)."""
+    if WORDS:
+        word = _load_le(row.to(tl.int64, bitcast=True) + codes_off + g * BITS, gm, BITS)
+    else:
+        gb = row + codes_off + g * BITS
+        word = tl.load(gb, mask=gm, other=0).to(tl.int32)
+        for i in tl.static_range(1, BITS):
+            word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
+    return word
+
+
+@triton.jit
 def _decode_one(
-    row, bucket, g, gm, e, em, lut_ptr, codes_off, D: tl.constexpr, BITS: tl.constexpr, SCALAR: tl.constexpr
+    row,
+    bucket,
+    g,
+    gm,
+    e,
+    em,
+    lut_ptr,
+    codes_off,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALAR: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     """``s_w * l[c_w]`` for the (G, 8) coordinates ``e`` of one payload starting at ``row`` (one lookup per code)."""
     if BITS == 8:
         c = tl.load(row + codes_off + e, mask=em, other=0).to(tl.int32)
     else:
-        gb = row + codes_off + g * BITS
         if BITS <= 4:
-            word = tl.load(gb, mask=gm, other=0).to(tl.int32)
-            for i in tl.static_range(1, BITS):
-                word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
+            word = _group_word(row, codes_off, g, gm, BITS, WORDS)
             c = (word[:, None] >> (tl.arange(0, 8) * BITS)[None, :]) & ((1 << BITS) - 1)
         else:
+            gb = row + codes_off + g * BITS
             word = tl.load(gb, mask=gm, other=0).to(tl.int64)
             for i in tl.static_range(1, BITS):
                 word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int64) << (8 * i))
             c = ((word[:, None] >> (tl.arange(0, 8) * BITS).to(tl.int64)[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-    return _payload_scale(row, bucket, em, SCALAR) * tl.load(lut_ptr + c)
+    return _payload_scale(row, bucket, em, SCALAR, WORDS) * tl.load(lut_ptr + c)
 
 
 @triton.jit
-def _decode_pairs(row, bucket, g, gm, pair_ptr, codes_off, BITS: tl.constexpr, SCALAR: tl.constexpr, LIB: tl.constexpr):
-    """``s_w * l[c]`` of one payload as two (G, 4) halves: codes ``8g + 2k`` and ``8g + 2k + 1``.
+def _pair_values(word, k: tl.constexpr, s, pair_ptr, BITS: tl.constexpr, LIB: tl.constexpr):
+    """``s * l[c]`` of codes ``2k`` and ``2k + 1`` of the 8-code groups ``word`` (int32, any shape): one
+    8-byte lookup in the two-code table."""
+    lo, hi = _gather_pair(pair_ptr, (word >> (2 * BITS * k)) & ((1 << (2 * BITS)) - 1), LIB)
+    return s * lo.to(tl.float32, bitcast=True), s * hi.to(tl.float32, bitcast=True)
 
-    One 8-byte lookup in the two-code table per pair of codes (``BITS <= 4``).
+
+@triton.jit
+def _decode_pairs(
+    row,
+    bucket,
+    g,
+    gm,
+    pair_ptr,
+    codes_off,
+    BITS: tl.constexpr,
+    SCALAR: tl.constexpr,
+    LIB: tl.constexpr,
+    WORDS: tl.constexpr,
+):
+    """``s_w * l[c]`` of one payload's 8-code groups ``g`` (G,) as eight (G,) tensors: codes ``8g + 2k``
+    and ``8g + 2k + 1`` for k = 0..3 (``BITS <= 4``, buckets of whole groups: one scale per group).
+
+    Everything stays in the layout of ``g`` (each thread its own groups): no exchange between threads
+    per payload; the caller joins the eight into (G, 8) once.
     """
-    gb = row + codes_off + g * BITS
-    word = tl.load(gb, mask=gm, other=0).to(tl.int32)
-    for i in tl.static_range(1, BITS):
-        word = word | (tl.load(gb + i, mask=gm, other=0).to(tl.int32) << (8 * i))
-    idx = (word[:, None] >> (tl.arange(0, 4) * (2 * BITS))[None, :]) & ((1 << (2 * BITS)) - 1)
-    lo_b, hi_b = _gather_pair(pair_ptr, idx, LIB)
-    if SCALAR:
-        s = _payload_scale(row, bucket, gm, SCALAR)
-    else:
-        s = _payload_scale(row, bucket, gm, SCALAR)[:, None]
-    return s * lo_b.to(tl.float32, bitcast=True), s * hi_b.to(tl.float32, bitcast=True)
+    word = _group_word(row, codes_off, g, gm, BITS, WORDS)
+    s = _payload_scale(row, bucket, gm, SCALAR, WORDS)
+    a0, b0 = _pair_values(word, 0, s, pair_ptr, BITS, LIB)
+    a1, b1 = _pair_values(word, 1, s, pair_ptr, BITS, LIB)
+    a2, b2 = _pair_values(word, 2, s, pair_ptr, BITS, LIB)
+    a3, b3 = _pair_values(word, 3, s, pair_ptr, BITS, LIB)
+    return a0, b0, a1, b1, a2, b2, a3, b3
+
+
+@triton.jit
+def _add8(x, y):
+    return x[0] + y[0], x[1] + y[1], x[2] + y[2], x[3] + y[3], x[4] + y[4], x[5] + y[5], x[6] + y[6], x[7] + y[7]
+
+
+@triton.jit
+def _join8(v, G: tl.constexpr):
+    """(G, 8) of the eight (G,) pair halves of :func:`_decode_pairs`: column ``2k + t`` is ``v[2k + t]``.
+
+    Each ``join`` adds a trailing axis; the result is indexed [g, k // 2, k % 2, t] before the reshape.
+    """
+    even = tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6]))  # t = 0: [g, k // 2, k % 2] = v[2k]
+    odd = tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7]))  # t = 1
+    return tl.reshape(tl.join(even, odd), (G, 8))
 
 
 @triton.jit
@@ -622,6 +705,7 @@ def _decode_sum_kernel(
     LIB: tl.constexpr,
     CHECK: tl.constexpr,
     HW: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     """Sum over payloads in order ``w = 0 .. W-1`` in float32 (``acc = s_0 * l``, then ``acc + s_w * l``), then ``* scale``."""
     pid = tl.program_id(0)
@@ -642,30 +726,34 @@ def _decode_sum_kernel(
             bucket = (pid.to(tl.int64) * BLOCK) // D
         else:
             bucket = (g * 8) // D
-        lo, hi = _decode_pairs(p_ptr, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
+        v = _decode_pairs(p_ptr, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB, WORDS)
         if UNROLL > 0:
             for w in tl.static_range(1, UNROLL):
-                a, b = _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
-                lo = lo + a
-                hi = hi + b
+                v = _add8(
+                    v, _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB, WORDS)
+                )
         else:
             for w in range(1, n_w):
-                a, b = _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB)
-                lo = lo + a
-                hi = hi + b
-        acc = tl.reshape(tl.join(lo, hi), (G, 8))  # element 8g + 2k + t from pair k, half t
+                v = _add8(
+                    v, _decode_pairs(p_ptr + w * stride, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB, WORDS)
+                )
+        acc = _join8(v, G)
     else:
         if SCALAR:
             bucket = (pid.to(tl.int64) * BLOCK) // D
         else:
             bucket = e // D
-        acc = _decode_one(p_ptr, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+        acc = _decode_one(p_ptr, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR, WORDS)
         if UNROLL > 0:
             for w in tl.static_range(1, UNROLL):
-                acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+                acc = acc + _decode_one(
+                    p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR, WORDS
+                )
         else:
             for w in range(1, n_w):
-                acc = acc + _decode_one(p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR)
+                acc = acc + _decode_one(
+                    p_ptr + w * stride, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR, WORDS
+                )
     if HAS_SCALE:
         acc = acc * scale
     if CHECK:
@@ -712,5 +800,6 @@ def decode_sum(
         D=config.bucket_size, BITS=config.code_bits, BLOCK=block,
         UNROLL=w_count if w_count <= MAX_UNROLL or interp else 0, HAS_SCALE=scale != 1.0,
         PAIR=pair, LIB=not interp, CHECK=check is not None, HW=min(16, _next_pow2(w_count)),
+        WORDS=not interp and bool(TUNING["decode_words"]),
         **extra,
     )  # fmt: skip
