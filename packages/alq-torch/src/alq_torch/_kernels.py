@@ -78,8 +78,8 @@ TUNING: dict[str, Any] = {
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
-    "decode_pairs_min_w": 8,  # from this many payloads on, look two codes up at once (code_bits <= 4)
-    "decode_words": False,  # read each 8-code group's bytes as one or two aligned words (compiled only)
+    "decode_pairs_min_w": 4,  # from this many payloads on, look two codes up at once (code_bits <= 4; H200 sweep)
+    "decode_words": True,  # read code bytes and scales as one or two aligned words (compiled only; H200 sweep)
 }
 
 
