@@ -34,8 +34,10 @@ the seed and the element index only: deterministic for a seed, never compared
 to the core.
 
 ``decode_sum`` reads, for a block of 8-code groups, the packed bytes and the
-scale of every payload (the scale straight from the payload bytes: no copy),
-looks the levels up (two codes per 8-byte lookup when ``code_bits <= 4``),
+scale of every payload (the scale straight from the payload bytes: no copy;
+compiled, both as one or two aligned 32-bit words and a funnel shift,
+``TUNING["decode_words"]``), looks the levels up (two codes per 8-byte lookup
+when ``code_bits <= 4``, with each thread on its own groups for all payloads),
 sums ``s_w * l`` in float32 in payload order, and writes the (scaled) sum once.
 Given an expected header and a flag, it also compares every payload's header
 on the device and writes NaN (and sets the flag) on a mismatch.
