@@ -11,6 +11,11 @@ Run on the GPU machine (2 GPUs), from the repository root::
         --out benchmarks/results/ddp_resnet50_sockets.json \\
         --baseline benchmarks/results/ddp_resnet50_nvlink.json
 
+Add ``--compile reduce-overhead --no-broadcast-buffers`` for the GPU-bound step
+(the compiled forward/backward pieces replayed as CUDA graphs; the hooks run
+eagerly between them): on hosts where kernel launches set the eager step, that
+is the run in which communication shows (README, "DDP ResNet-50").
+
 ResNet-50 (torchvision's when installed, else an identical local definition:
 same layers, 25,557,032 parameters), batch 64 per GPU, bf16 autocast, synthetic
 data, SGD with momentum, ``gradient_as_bucket_view=True`` and
