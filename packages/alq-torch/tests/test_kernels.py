@@ -7,6 +7,7 @@ kernels module is first imported), so the same arithmetic is checked in CI.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -23,7 +24,10 @@ import alq_core  # noqa: E402
 import alq_torch  # noqa: E402
 from alq_core import QuantizerConfig, default_levels, payload_size  # noqa: E402
 from alq_core.testing import assert_payloads_equal  # noqa: E402
+from alq_core.testing.strategies import configs, gradients, levels_for, noise_for  # noqa: E402
 from alq_torch import decode_sum, quantize_encode  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install 'alq-torch[triton]')")
 DEVICE = "cuda" if CUDA else "cpu"
@@ -87,6 +91,35 @@ def test_quantize_pack_matches_core(kernels: dict[str, int], method: str, bits: 
     config = QuantizerConfig(method, bits=bits, bucket_size=d, tail=tail)
     _check(_x(5 * d + 37, seed=bits), config)
     assert kernels["quantize_pack"] == 1
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), config=configs(max_bucket=300), x=gradients(max_size=1500), elems=st.sampled_from([64, 4096]))
+def test_quantize_encode_matches_core_for_any_config(
+    kernels: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    data: st.DataObject,
+    config: QuantizerConfig,
+    x: np.ndarray,
+    elems: int,
+) -> None:
+    """Any method, width, bucket size, tail, norm, clipping and table, one or several buckets per program:
+    on the same noise the payload bytes are the core's (the fused kernel where it applies, else the
+    torch ops)."""
+    from alq_torch import _kernels
+
+    if data.draw(st.booleans()):  # half the cases: a bucket the fused kernel takes (whole 8-code groups)
+        config = dataclasses.replace(config, bucket_size=8 * data.draw(st.integers(4, 40)))
+    monkeypatch.setitem(_kernels.TUNING, "qpack_elems", elems)
+    levels = data.draw(levels_for(config))
+    u = data.draw(noise_for(config.num_quantized(x.size)))
+    before = kernels["quantize_pack"]
+    got = quantize_encode(
+        torch.from_numpy(x).to(DEVICE), levels, config, table_version=7, noise=torch.from_numpy(u).to(DEVICE)
+    )
+    expected = alq_core.encode(alq_core.quantize(x, levels, config, noise=u), levels, table_version=7)
+    assert_payloads_equal(got.cpu(), expected)
+    assert kernels["quantize_pack"] == before + _kernels.fused_supported(config)
 
 
 @pytest.mark.parametrize("d", [8192, 16384])
@@ -248,6 +281,51 @@ def test_decode_sum_kernel_matches_composition(
     got = decode_sum(payloads.to(DEVICE), levels, config, n, scale=1 / w)
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
     assert kernels["decode_sum"] == 1
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    config=configs(max_bucket=300),
+    w=st.integers(1, 9),
+    block=st.sampled_from([64, 256, 2048]),
+    pairs_from=st.sampled_from([1, 4, 10**9]),
+    words=st.booleans() if CUDA else st.just(False),
+)
+def test_decode_sum_kernel_matches_core_for_any_config(
+    kernels: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    data: st.DataObject,
+    config: QuantizerConfig,
+    w: int,
+    block: int,
+    pairs_from: int,
+    words: bool,
+) -> None:
+    """Any method, width, bucket size (groups of 8 codes straddling buckets or not), tail, norm and
+    clipping; any W and launch shape: the kernel's sum equals the core's decode + dequantize summed in
+    payload order, then scaled, in float32."""
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "decode_block", block)
+    monkeypatch.setitem(_kernels.TUNING, "decode_pairs_min_w", pairs_from)
+    monkeypatch.setitem(_kernels.TUNING, "decode_words", words)
+    levels = data.draw(levels_for(config))
+    x = data.draw(gradients(max_size=600))
+    n = x.size
+    payloads, acc = [], None
+    for i in range(w):
+        q = alq_core.quantize(
+            x * np.float32(i + 1), levels, config, noise=data.draw(noise_for(config.num_quantized(n)))
+        )
+        payloads.append(np.frombuffer(alq_core.encode(q, levels), dtype=np.uint8))
+        part = alq_core.dequantize(q, levels)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    before = kernels["decode_sum"]
+    got = decode_sum(torch.from_numpy(np.stack(payloads)).to(DEVICE), levels, config, n, scale=1 / w)
+    np.testing.assert_array_equal(got.cpu().numpy(), acc * np.float32(1 / w))
+    assert kernels["decode_sum"] == before + (config.num_quantized(n) > 0)
 
 
 def test_decode_sum_out_of_range_code_is_nan(kernels: dict[str, int]) -> None:
