@@ -173,7 +173,7 @@ def _solve_level(mx: _Mixture, c: F64, e: F64, old: F64, warm: bool) -> F64:
         d = (mx.cpdf * np.exp(-0.5 * xi * xi)).sum(axis=1)
         lo = np.where(g <= 0, x, lo)
         hi = np.where(g >= 0, x, hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # guarded: bisection below
             newton = x - g / d
         ok = (newton >= lo) & (newton <= hi)
         converged = np.abs(g) <= gtol
