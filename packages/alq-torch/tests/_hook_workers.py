@@ -289,6 +289,41 @@ def sc_amp(device: torch.device) -> dict[str, Any]:
     return {"unchanged": unchanged, "scale": skipped_scale, "moved": moved}
 
 
+def sc_compiled(device: torch.device) -> dict[str, Any]:
+    """The hook with the module compiled inside DDP, beside the same run eager and an exact one.
+
+    Dynamo's DDP optimizer splits the compiled graph at DDP's buckets (it needs buckets of at least
+    DDP's 1 MiB first bucket, so a wider net: 2.2 MB of gradients in three buckets) and the reducer
+    calls the hook between the compiled pieces. ``pieces``: how many pieces the backend compiled.
+    (torch 2.13 compiles nothing under ``torch.compile(ddp)`` on the CPU, hence the inner module.)
+    """
+    out: dict[str, Any] = {}
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")  # no code generation: quick, same arithmetic
+    pieces: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        pieces.append(gm)  # one call per piece of the split graph
+        return aot_eager(gm, example_inputs)
+
+    for mode in ("exact", "eager", "compiled"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(32, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
+            torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10),
+        ).to(device)  # fmt: skip
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            torch.compile(net, backend=backend) if mode == "compiled" else net, bucket_cap_mb=1
+        )
+        st = ALQState(_cfg("qsgdinf"), warmup_steps=1, exact_below=1024, seed=3, **schedule_kwargs())
+        if mode != "exact":
+            ddp.register_comm_hook(st, alq_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        out[mode] = _train(ddp, opt, range(2 if mode == "exact" else 3), device)
+        out[f"{mode}_modes"] = [[b.mode for b in r.buckets] for r in st.telemetry]
+    out["pieces"] = len(pieces)
+    return out
+
+
 SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
     "methods": sc_methods,
     "half": sc_half,
@@ -298,6 +333,7 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
     "mismatch": sc_mismatch,
     "ddp": sc_ddp,
     "amp": sc_amp,
+    "compiled": sc_compiled,
 }
 
 
