@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from alq_core import QuantizerConfig, default_levels, payload_size
+from alq_core import HEADER_SIZE, QuantizerConfig, default_levels, payload_size
 from alq_torch import _kernels, _tables
 
 RESNET50 = 25_557_032
@@ -40,7 +40,7 @@ def main() -> None:
         if args.only != "quantize" and d == 8192:
             payloads = buf.expand(8, -1).contiguous()
             m = config.num_quantized(args.n)
-            off = 40 + 4 * config.num_buckets(args.n)
+            off = HEADER_SIZE + 4 * config.num_buckets(args.n)
             avg = torch.empty(args.n, device="cuda")
             for _ in range(3):
                 _kernels.decode_sum(payloads, table, config, m, off, avg, 0.125)

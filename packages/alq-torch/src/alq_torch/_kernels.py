@@ -314,15 +314,15 @@ def _store_header(out_ptr, head_ptr, pid):
 
 
 @triton.jit
-def _group_tile(rows, g0, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
-    """Groups ``g0 .. g0 + G`` of buckets ``rows``: global group index and masks.
+def _group_tile(rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """The ``G`` groups of buckets ``rows``: global group index and masks.
 
     Returns ``gidx`` (ROWS, G) int64, ``e`` (ROWS, G, 4) the low-half elements
     (the high half is ``e + 4``), their masks, and the group mask for stores.
     ``MASKED`` adds element masks (a partial last bucket); otherwise masks are
     per row and group, so loads stay vectorized.
     """
-    g = g0 + tl.arange(0, G)
+    g = tl.arange(0, G)
     gmask = (rows < row_end)[:, None] & (g < D // 8)[None, :]
     gidx = rows.to(tl.int64)[:, None] * (D // 8) + g[None, :]
     e = gidx[:, :, None] * 8 + tl.arange(0, 4)[None, None, :]
@@ -375,7 +375,7 @@ def _qpack_tile(
     MASKED: tl.constexpr,
 ):  # fmt: skip
     """Quantize and store buckets ``rows`` given their two loaded (ROWS, G, 4) halves ``a``, ``b`` (float32)."""
-    gidx, e, mlo, mhi, gmask = _group_tile(rows, 0, m, row_end, ngroups, D, G, MASKED)
+    gidx, e, mlo, mhi, gmask = _group_tile(rows, m, row_end, ngroups, D, G, MASKED)
     s = _row_scales(a, b, LINF, LIB)
     if CLIP:
         clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -395,7 +395,7 @@ def _qpack_tile(
 @triton.jit
 def _load_tile(x_ptr, rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
     """Buckets ``rows`` as two float32 (ROWS, G, 4) halves (group ``g``: elements ``8g .. 8g+7``); 0 where masked."""
-    _, e, mlo, mhi, _ = _group_tile(rows, 0, m, row_end, ngroups, D, G, MASKED)
+    _, e, mlo, mhi, _ = _group_tile(rows, m, row_end, ngroups, D, G, MASKED)
     a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
     return a, b
@@ -525,17 +525,18 @@ def quantize_pack(
 @triton.jit
 def _payload_scale(row, bucket, mask, SCALAR: tl.constexpr, WORDS: tl.constexpr):
     """The float32 scale of ``bucket`` straight from its 4 payload bytes (little-endian; may be unaligned)."""
-    sp = row + HEADER + bucket * 4
     if WORDS:
         sb = _load_le(row.to(tl.int64, bitcast=True) + HEADER + bucket * 4, bucket >= 0 if SCALAR else mask, 4)
-    elif SCALAR:
-        sb = tl.load(sp).to(tl.int32)
-        for i in tl.static_range(1, 4):
-            sb = sb | (tl.load(sp + i).to(tl.int32) << (8 * i))
     else:
-        sb = tl.load(sp, mask=mask, other=0).to(tl.int32)
-        for i in tl.static_range(1, 4):
-            sb = sb | (tl.load(sp + i, mask=mask, other=0).to(tl.int32) << (8 * i))
+        sp = row + HEADER + bucket * 4
+        if SCALAR:
+            sb = tl.load(sp).to(tl.int32)
+            for i in tl.static_range(1, 4):
+                sb = sb | (tl.load(sp + i).to(tl.int32) << (8 * i))
+        else:
+            sb = tl.load(sp, mask=mask, other=0).to(tl.int32)
+            for i in tl.static_range(1, 4):
+                sb = sb | (tl.load(sp + i, mask=mask, other=0).to(tl.int32) << (8 * i))
     return sb.to(tl.float32, bitcast=True)
 
 
@@ -723,11 +724,13 @@ def _decode_sum_kernel(
         tl.store(flag_ptr, 1, mask=bad & (pid == 0))
     else:
         bad = False
+    if SCALAR:  # the block lies in one bucket
+        bucket = (pid.to(tl.int64) * BLOCK) // D
+    elif PAIR:  # buckets of whole groups: one per group
+        bucket = (g * 8) // D
+    else:
+        bucket = e // D
     if PAIR:
-        if SCALAR:
-            bucket = (pid.to(tl.int64) * BLOCK) // D
-        else:
-            bucket = (g * 8) // D
         v = _decode_pairs(p_ptr, bucket, g, gm, pair_ptr, codes_off, BITS, SCALAR, LIB, WORDS)
         if UNROLL > 0:
             for w in tl.static_range(1, UNROLL):
@@ -741,10 +744,6 @@ def _decode_sum_kernel(
                 )
         acc = _join8(v, G)
     else:
-        if SCALAR:
-            bucket = (pid.to(tl.int64) * BLOCK) // D
-        else:
-            bucket = e // D
         acc = _decode_one(p_ptr, bucket, g, gm, e, em, lut_ptr, codes_off, D, BITS, SCALAR, WORDS)
         if UNROLL > 0:
             for w in tl.static_range(1, UNROLL):
