@@ -188,13 +188,18 @@ class _Setup:
         model = model.to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            # compiled inside DDP: dynamo splits the graph at DDP's buckets and the reducer calls the comm hook
+            # eagerly between the pieces (also between their CUDA graphs). torch.compile(ddp) compiled the same
+            # way on torch 2.11 but compiles nothing on torch 2.13
+            model = torch.compile(model, mode=args.compile)
         self.name, self.args, self.device = name, args, device
         self.ddp = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
             bucket_cap_mb=args.bucket_cap_mb,
-            broadcast_buffers=args.broadcast_buffers,
+            **({} if args.broadcast_buffers else {"broadcast_buffers": False}),  # only when asked (deprecated in 2.13)
         )
         hook = make()
         self.state: Any = None
@@ -202,9 +207,6 @@ class _Setup:
             self.state, fn = hook
             self.ddp.register_comm_hook(self.state, fn)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=0.01, momentum=0.9)
-        # --compile: the forward/backward graphs compiled (DDP splits them at its buckets); the comm hook
-        # still runs eagerly from DDP's reducer, between the pieces (also between their CUDA graphs)
-        self.model: Any = torch.compile(self.ddp, mode=args.compile) if args.compile else self.ddp
         gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
         self.x = torch.randn(args.batch, 3, args.image, args.image, device=device, generator=gen)
         if args.channels_last:
@@ -223,7 +225,7 @@ class _Setup:
             torch.compiler.cudagraph_mark_step_begin()
         self.opt.zero_grad(set_to_none=self.args.set_to_none)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            self.loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+            self.loss = nn.functional.cross_entropy(self.ddp(self.x), self.y)
         self.loss.backward()
         self.opt.step()
 
@@ -288,6 +290,13 @@ class _Setup:
         return res
 
 
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (its statistics counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _run_all(
     configs: list[tuple[str, Callable[[], tuple[Any, Any] | None]]], args: argparse.Namespace, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -307,6 +316,9 @@ def _run_all(
         except Exception as exc:  # keep going: one broken configuration must not lose the others
             setups.append({"config": name, "error": f"{type(exc).__name__}: {exc}"})
         dist.barrier()
+    if args.compile and not _compiled_graphs():
+        msg = f"--compile: torch.compile produced no graph (torch {torch.__version__}); the steps would run eagerly"
+        raise RuntimeError(msg)
     per_round = -(-args.steps // args.rounds)
     for rnd in range(args.rounds):
         for su in setups:
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="default",
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="torch.compile the DDP model with this mode (alone: 'default'); 'reduce-overhead' replays the"
+        help="torch.compile the model (inside DDP) with this mode (alone: 'default'); 'reduce-overhead' replays the"
         " compiled forward/backward pieces as CUDA graphs, for hosts whose kernel launches set the step time",
     )
     p.add_argument(
