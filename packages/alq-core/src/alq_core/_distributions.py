@@ -271,7 +271,7 @@ def _bracketed_inverse(model: _TruncatedNormals, q: F64, guess: F64 | None = Non
         lo = np.where(g <= 0, x, lo)
         hi = np.where(g >= 0, x, hi)
         d = model.pdf(x)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # guarded: bisection below
             newton = x - g / d
         ok = (d > 0) & (newton > lo) & (newton < hi)
         nxt = np.where(ok, newton, 0.5 * (lo + hi))
