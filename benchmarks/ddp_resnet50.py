@@ -34,9 +34,11 @@ step, the compute floor of PERFORMANCE.md's socket target.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -154,7 +156,8 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, Callable[[], tuple[Any
 
 
 def _profile_steps(setup: _Setup) -> None:
-    """Three more steps under torch.profiler on every rank; rank 0 writes the op tables next to ``--out``."""
+    """Three more steps under torch.profiler on every rank; rank 0 writes the op tables next to ``--out``
+    and the Chrome trace (``.trace.json.gz``, for chrome://tracing or Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     name, device, args = setup.name, setup.device, setup.args
@@ -168,6 +171,11 @@ def _profile_steps(setup: _Setup) -> None:
         return
     tag = "".join(c if c.isalnum() else "_" for c in name)
     path = f"{os.path.splitext(args.out)[0]}.profile.{tag}.txt"
+    trace = f"{os.path.splitext(path)[0]}.trace.json"
+    prof.export_chrome_trace(trace)  # the timeline: streams, gaps, overlap of hooks with backward
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
     avg = prof.key_averages()
     with open(path, "w") as fh:
         fh.write(f"{name}: 3 steps\n\nby self CPU time\n")
