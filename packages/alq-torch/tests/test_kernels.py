@@ -131,9 +131,7 @@ def test_paper_bucket_sizes(kernels: dict[str, int], d: int, bits: int) -> None:
 
 
 @pytest.mark.parametrize(("d", "norm"), [(16384, "l2"), (12000, "linf"), (9000, "l2")])
-def test_split_programs_match_core(
-    kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, d: int, norm: str
-) -> None:
+def test_split_programs_match_core(kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, d: int, norm: str) -> None:
     """Buckets of 8193..16384 elements in two parts per program (``TUNING["qpack_split_16k"]``): on given
     noise the core's bytes (full buckets, a partial last one, a non-finite one); device noise as without."""
     from alq_torch import _kernels
@@ -492,7 +490,7 @@ def test_cuda_import_does_not_compile() -> None:
     assert hasattr(alq_torch, "quantize_encode")
 
 
-_COMPILE_SCRIPT = """
+_COMPILE_SCRIPT = r"""
 import re
 
 import triton
