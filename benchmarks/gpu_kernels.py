@@ -287,19 +287,12 @@ def main() -> None:
                 (True, 16, 96, 1),
                 (True, 32, 64, 1),
             ):
-                var: dict[str, Any] = {"qpack_loop_per_sm": per_sm, "qpack_split_16k": False}
+                var: dict[str, Any] = {"qpack_loop_per_sm": per_sm}
                 for size_key in ("8k", "16k"):
                     var.update(
                         {f"qpack_loop_{size_key}": loop, f"qpack_warps_{size_key}": w, f"qpack_maxnreg_{size_key}": r}
                     )
                 variants[f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"] = var
-            if d > 8192:  # a bucket in two parts per program, half of it in registers (num_warps, register cap)
-                for w, r in ((16, 64), (16, 80), (16, 0), (8, 128), (8, 96), (32, 0)):
-                    variants[f"split,warps={w},maxnreg={r}"] = {
-                        "qpack_split_16k": True,
-                        "qpack_warps_split": w,
-                        "qpack_maxnreg_split": r,
-                    }
             # timed: the kernel alone (the API adds host work that can exceed the kernel's own time)
             sweep, best = sweep_tuning(
                 variants,

@@ -130,24 +130,6 @@ def test_paper_bucket_sizes(kernels: dict[str, int], d: int, bits: int) -> None:
     assert kernels["quantize_pack"] == 1
 
 
-@pytest.mark.parametrize(("d", "norm"), [(16384, "l2"), (12000, "linf"), (9000, "l2")])
-def test_split_programs_match_core(kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch, d: int, norm: str) -> None:
-    """Buckets of 8193..16384 elements in two parts per program (``TUNING["qpack_split_16k"]``): on given
-    noise the core's bytes (full buckets, a partial last one, a non-finite one); device noise as without."""
-    from alq_torch import _kernels
-
-    monkeypatch.setitem(_kernels.TUNING, "qpack_split_16k", True)
-    assert _kernels._qpack_params(d)[5] and not _kernels._qpack_params(d, clip=True)[5]
-    config = QuantizerConfig("alq", bits=3, bucket_size=d, norm=norm, nonfinite="propagate")
-    x = _x(3 * d + 5000, seed=d)
-    x[d + 7] = float("inf")
-    _check(x, config)
-    a = quantize_encode(x.to(DEVICE), default_levels(config), config, seed=11)
-    monkeypatch.setitem(_kernels.TUNING, "qpack_split_16k", False)
-    assert torch.equal(a, quantize_encode(x.to(DEVICE), default_levels(config), config, seed=11))
-    assert kernels["quantize_pack"] == 3
-
-
 def test_arbitrary_level_table(kernels: dict[str, int]) -> None:
     rng = np.random.default_rng(5)
     for bits in (3, 6):
@@ -510,13 +492,10 @@ def build(fn, sig, consts, warps):
 sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64", "head_ptr": "*u8", "out_ptr": "*u8",
        "m": "i32", "nb": "i32", "n_even": "i32", "ngroups": "i32", "seed": "i64", "clip_bits": "i64",
        "codes_off": "i32", "n_loop": "i32"}
-for d, loop, split, clip, noise in ((8192, False, False, True, True), (8192, True, False, True, False),
-                                    (16384, False, True, False, True)):
-    rows, g, warps, _, _, _ = _kernels._qpack_params(8192)
-    if split:
-        rows, g = 1, d // 16
-    consts = {"D": d, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": clip, "NOISE": noise,
-              "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS, "LOOP": loop, "SPLIT": split}
+for loop, noise in ((False, True), (True, False)):
+    rows, g, warps, _, _ = _kernels._qpack_params(8192)
+    consts = {"D": 8192, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": noise,
+              "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS, "LOOP": loop}
     try:
         k = build(_kernels._qpack_kernel, sig, consts, warps)
     except (FileNotFoundError, PermissionError) as exc:  # no usable ptxas here; any other error fails the test

@@ -26,10 +26,11 @@ arithmetic (``TUNING["qpack_loop_*"]``).
 
 Device noise: one Philox4x32 call (``tl.randint4x``, ``PHILOX_ROUNDS`` rounds)
 per 8-code group, counter = the group's index; each 32-bit output gives two
-16-bit uniforms ``(k + 1/2) / 2**16`` (bit patterns ORed into the exponent of
-1.0, minus 1: exact, no integer-to-float conversion). Rounding up then happens
-with a probability within ``2**-17`` of ``p`` (a bias below ``2**-17`` of a level
-gap per coordinate, far below the quantization variance). The noise depends on
+16-bit uniforms ``(k + 1/2) / 2**16``, kept as ``1 + u`` (bit patterns ORed into
+the exponent of 1.0: exact, no integer-to-float conversion) and compared with
+``fma(v - l_j, inv_gap_j, 1)``, one rounding of ``1 + p``. Rounding up then happens
+with a probability within ``2**-17 + 2**-24`` of ``p`` (a bias that small of a
+level gap per coordinate, far below the quantization variance). The noise depends on
 the seed and the element index only: deterministic for a seed, never compared
 to the core.
 
@@ -77,9 +78,6 @@ TUNING: dict[str, Any] = {
     "qpack_loop_8k": False,  # <= 8192 elements per program: programs walk several blocks (prefetching the next)
     "qpack_loop_16k": True,  # same, 16384
     "qpack_loop_per_sm": 1,  # looping programs per multiprocessor
-    "qpack_split_16k": False,  # 16384 elements per program: the bucket in two parts, half in registers (no clipping)
-    "qpack_warps_split": 8,  # num_warps, split programs
-    "qpack_maxnreg_split": 72,  # register cap, split programs
     # decode_sum
     "decode_block": 2048,  # elements per program (power of two, >= 8)
     "decode_warps": 4,
@@ -132,34 +130,22 @@ def _div64(a, b, LIB: tl.constexpr):
 
 
 @triton.jit
-def _group_norms(a, b, LINF: tl.constexpr):
-    """Each 8-code group's share of its row's scale, from two (ROWS, G, 4) halves (within one thread):
-    (ROWS, G) float32 max |x| (NaN as +inf), or float64 sum of x**2."""
+def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
+    """Per-row scale of two (ROWS, G, 4) halves: max |x| (NaN as +inf), or float32(sqrt(sum of x**2 in float64)).
+
+    Each thread first reduces its own groups (axis 2, then the two halves), so
+    only one value per group enters the reduction across threads.
+    """
     if LINF:
         grp = tl.maximum(tl.max(_absmax3(a), axis=2), tl.max(_absmax3(b), axis=2))
+        s = tl.max(grp, axis=1)
     else:
         # x**2 is exact in float64: fma(a, a, b * b) is a**2 + b**2 rounded once, as in a plain float64 sum
         a64 = a.to(tl.float64)
         b64 = b.to(tl.float64)
         grp = tl.sum(tl.fma(a64, a64, b64 * b64), axis=2)
-    return grp
-
-
-@triton.jit
-def _scale_of(grp, LINF: tl.constexpr, LIB: tl.constexpr):
-    """Row scales (ROWS,) float32 from :func:`_group_norms` (the reduction across threads):
-    max, or float32(sqrt(sum)) with a correctly rounded float64 square root."""
-    if LINF:
-        s = tl.max(grp, axis=1)
-    else:
         s = _sqrt64(tl.sum(grp, axis=1), LIB).to(tl.float32)
     return s
-
-
-@triton.jit
-def _row_scales(a, b, LINF: tl.constexpr, LIB: tl.constexpr):
-    """Per-row scale of two (ROWS, G, 4) halves (each thread first reduces its own groups)."""
-    return _scale_of(_group_norms(a, b, LINF), LINF, LIB)
 
 
 @triton.jit
@@ -342,15 +328,15 @@ def _store_header(out_ptr, head_ptr, pid):
 
 
 @triton.jit
-def _group_tile(rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, PART: tl.constexpr, MASKED: tl.constexpr):
-    """Groups ``PART * G .. PART * G + G - 1`` of buckets ``rows``: global group index and masks.
+def _group_tile(rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """The ``G`` groups of buckets ``rows``: global group index and masks.
 
     Returns ``gidx`` (ROWS, G) int64, ``e`` (ROWS, G, 4) the low-half elements
     (the high half is ``e + 4``), their masks, and the group mask for stores.
     ``MASKED`` adds element masks (a partial last bucket); otherwise masks are
     per row and group, so loads stay vectorized.
     """
-    g = tl.arange(0, G) + PART * G
+    g = tl.arange(0, G)
     gmask = (rows < row_end)[:, None] & (g < D // 8)[None, :]
     gidx = rows.to(tl.int64)[:, None] * (D // 8) + g[None, :]
     e = gidx[:, :, None] * 8 + tl.arange(0, 4)[None, None, :]
@@ -393,7 +379,6 @@ def _quantize_store(
         ca = tl.where(mlo, ca, 0)
         cb = tl.where(mhi, cb, 0)
     _store_codes(out_ptr, codes_off, ca, cb, e, gidx, gmask, BITS)
-    return ca
 
 
 @triton.jit
@@ -404,7 +389,7 @@ def _qpack_tile(
     MASKED: tl.constexpr,
 ):  # fmt: skip
     """Quantize and store buckets ``rows`` given their two loaded (ROWS, G, 4) halves ``a``, ``b`` (float32)."""
-    gidx, e, mlo, mhi, gmask = _group_tile(rows, m, row_end, ngroups, D, G, 0, MASKED)
+    gidx, e, mlo, mhi, gmask = _group_tile(rows, m, row_end, ngroups, D, G, MASKED)
     s = _row_scales(a, b, LINF, LIB)
     if CLIP:
         clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -422,63 +407,12 @@ def _qpack_tile(
 
 
 @triton.jit
-def _load_tile(
-    x_ptr, rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr, PART: tl.constexpr = 0
-):
-    """Groups ``PART * G ..`` of buckets ``rows`` as two float32 (ROWS, G, 4) halves (group ``g``: elements
-    ``8g .. 8g+7``); 0 where masked."""
-    _, e, mlo, mhi, _ = _group_tile(rows, m, row_end, ngroups, D, G, PART, MASKED)
+def _load_tile(x_ptr, rows, m, row_end, ngroups, D: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """Buckets ``rows`` as two float32 (ROWS, G, 4) halves (group ``g``: elements ``8g .. 8g+7``); 0 where masked."""
+    _, e, mlo, mhi, _ = _group_tile(rows, m, row_end, ngroups, D, G, MASKED)
     a = tl.load(x_ptr + e, mask=mlo, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + e + 4, mask=mhi, other=0.0).to(tl.float32)
     return a, b
-
-
-@triton.jit
-def _zero_after(codes, LIB: tl.constexpr):
-    """(ROWS, G) int64 zeros computed from the codes ``codes`` (ROWS, G, 4) of each group (in its own thread),
-    opaque to the compiler: an address plus this waits for the codes."""
-    if LIB:
-        z = tl.inline_asm_elementwise(
-            "shr.u32 $0, $1, 31;", "=r,r", [tl.sum(codes, axis=2)], dtype=tl.int32, is_pure=True, pack=1
-        )  # codes < 2**8: the sum of four is below 2**31
-    else:
-        z = tl.sum(codes, axis=2) * 0
-    return z.to(tl.int64)
-
-
-@triton.jit
-def _qpack_split(
-    x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, row, m, nb, ngroups, seed, codes_off,
-    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
-    LINF: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """One bucket ``row`` ((1,) int32) as two parts of ``G`` groups, only one part in registers at a time.
-
-    The scale comes from both parts (each group's share summed before the one reduction across threads);
-    the second part, still in registers, is quantized, then the first is read again (mostly from L2)
-    and quantized. Holding half a bucket keeps the register count of a program of half the size.
-    """
-    a, b = _load_tile(x_ptr, row, m, nb, ngroups, D, G, MASKED, 0)
-    g0 = _group_norms(a, b, LINF)
-    a, b = _load_tile(x_ptr, row, m, nb, ngroups, D, G, MASKED, 1)
-    g1 = _group_norms(a, b, LINF)
-    if LINF:
-        s = _scale_of(tl.maximum(g0, g1), LINF, LIB)
-    else:
-        s = _scale_of(g0 + g1, LINF, LIB)
-    r = _reciprocal(s)
-    gidx, e, mlo, mhi, gmask = _group_tile(row, m, nb, ngroups, D, G, 1, MASKED)
-    ca = _quantize_store(a, b, r, u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi, gmask,
-                         BITS, L, NOISE, LIB, ROUNDS, MASKED)  # fmt: skip
-    gidx, e, mlo, mhi, gmask = _group_tile(row, m, nb, ngroups, D, G, 0, MASKED)
-    # the first part's second read waits for the second part's codes (else the compiler hoists it and
-    # both parts sit in registers)
-    e_dep = e + _zero_after(ca, LIB)[:, :, None]
-    a = tl.load(x_ptr + e_dep, mask=mlo, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + e_dep + 4, mask=mhi, other=0.0).to(tl.float32)
-    _quantize_store(a, b, r, u_ptr, lv_ptr, pair_ptr, out_ptr, seed, codes_off, gidx, e, mlo, mhi, gmask,
-                    BITS, L, NOISE, LIB, ROUNDS, MASKED)  # fmt: skip
-    _store_scales(out_ptr, row, row < nb, s, s < float("inf"))
 
 
 # The seed changes at every call: specializing on it (divisible by 16, equal to 1) would
@@ -488,11 +422,9 @@ def _qpack_kernel(
     x_ptr, u_ptr, lv_ptr, pair_ptr, head_ptr, out_ptr, m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
     D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr,
     LINF: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr, LIB: tl.constexpr, ROUNDS: tl.constexpr,
-    LOOP: tl.constexpr, SPLIT: tl.constexpr,
+    LOOP: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole buckets per block of rows; blocks below ``n_even`` hold only full buckets.
-
-    ``SPLIT`` (ROWS = 1): the bucket is handled in two parts (:func:`_qpack_split`), program ``pid`` takes bucket ``pid``.
 
     ``LOOP``: programs below ``n_loop`` each walk the full blocks ``pid, pid + n_loop, ...`` and issue
     the next block's loads before the current block's arithmetic (the memory traffic of one block
@@ -519,38 +451,27 @@ def _qpack_kernel(
     else:
         blk_tail = pid
         if pid < n_even:
-            if SPLIT:
-                _qpack_split(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid + rng, m, nb, ngroups, seed, codes_off,
-                             D, G, BITS, L, LINF, NOISE, LIB, ROUNDS, False)  # fmt: skip
-            else:
-                a, b = _load_tile(x_ptr, pid * ROWS + rng, m, nb, ngroups, D, G, False)
-                _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
-                            clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
-    if SPLIT:
-        if blk_tail >= n_even:
-            _qpack_split(x_ptr, u_ptr, lv_ptr, pair_ptr, out_ptr, pid + rng, m, nb, ngroups, seed, codes_off,
-                         D, G, BITS, L, LINF, NOISE, LIB, ROUNDS, True)  # fmt: skip
-    elif blk_tail >= n_even:
+            a, b = _load_tile(x_ptr, pid * ROWS + rng, m, nb, ngroups, D, G, False)
+            _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, pid * ROWS + rng, m, nb, ngroups, seed,
+                        clip_bits, codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, False)  # fmt: skip
+    if blk_tail >= n_even:
         rows = blk_tail * ROWS + rng
         a, b = _load_tile(x_ptr, rows, m, nb, ngroups, D, G, True)
         _qpack_tile(a, b, u_ptr, lv_ptr, pair_ptr, out_ptr, rows, m, nb, ngroups, seed, clip_bits,
                     codes_off, D, G, BITS, L, LINF, CLIP, NOISE, LIB, ROUNDS, True)  # fmt: skip
 
 
-def _qpack_params(d: int, clip: bool = False) -> tuple[int, int, int, int, bool, bool]:
-    """(ROWS, G, num_warps, maxnreg, LOOP, SPLIT) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8
-    per row; per part with SPLIT). ``clip``: the configuration clips (no SPLIT: it needs three passes)."""
+def _qpack_params(d: int) -> tuple[int, int, int, int, bool]:
+    """(ROWS, G, num_warps, maxnreg, LOOP) of :func:`quantize_pack` for bucket size ``d`` (G groups of 8 per row)."""
     dp2 = _next_pow2(d)
     rows = max(1, TUNING["qpack_elems"] // dp2)
     elems = rows * dp2
     big = elems > 8192
-    if big and TUNING["qpack_split_16k"] and not clip:
-        return 1, dp2 // 16, int(TUNING["qpack_warps_split"]), int(TUNING["qpack_maxnreg_split"]), False, True
     warps = int(TUNING["qpack_warps_16k"] if big else TUNING["qpack_warps_8k"])
     if elems <= 2048:
         warps = min(warps, 4)
     cap = int(TUNING["qpack_maxnreg_16k"] if big else TUNING["qpack_maxnreg_8k"])
-    return rows, dp2 // 8, warps, cap, bool(TUNING["qpack_loop_16k"] if big else TUNING["qpack_loop_8k"]), False
+    return rows, dp2 // 8, warps, cap, bool(TUNING["qpack_loop_16k"] if big else TUNING["qpack_loop_8k"])
 
 
 @functools.cache
@@ -589,7 +510,7 @@ def quantize_pack(
     u = noise if noise is not None else src  # dummy pointer when unused
     interp = _interpret()
     linf = config.norm == "linf"
-    rows, g, warps, cap, loop, split = _qpack_params(d, config.clip is not None)
+    rows, g, warps, cap, loop = _qpack_params(d)
     n_blocks = -(-nb // rows)
     n_even = (m // d) // rows  # blocks of full buckets only
     n_loop = min(n_even, _num_sms(src.device) * int(TUNING["qpack_loop_per_sm"])) if loop else 0
@@ -603,7 +524,7 @@ def quantize_pack(
         m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
         D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
         LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
-        LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop, SPLIT=split,
+        LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop,
         **extra,
     )  # fmt: skip
     if n > m:

@@ -1,0 +1,154 @@
+"""Host (CPU) time per call of the DDP hook and its pieces: what a GPU-bound step pays when the hooks run
+eagerly between CUDA-graph replays.
+
+Run on the GPU machine (2 GPUs), from the repository root::
+
+    PYTHONPATH=packages/alq-core/src:packages/alq-torch/src \\
+        torchrun --standalone --nproc_per_node 2 benchmarks/host_overhead.py host_overhead.json
+
+Per call, the median over ``--calls`` calls of the time the *host* spends in the call (the GPU work it
+enqueues is not waited for; the GPU runs far ahead of these small buckets, so no call blocks on a
+full launch queue; every ``--calls`` calls synchronize once, outside the timing): the raw
+kernel launches (``_kernels.quantize_pack`` / ``decode_sum``), the public ops (``quantize_encode``,
+``decode_sum`` with the device header check, as the hook calls them), one all-gather (the hook's call), torch's
+``fp16_compress_hook`` and ``alq_hook`` on a bucket of ``--numel`` float32 gradients (a DDP bucket
+stand-in with ``buffer()``, ``index()``, ``is_last()``; one bucket per round, so every call is a
+whole round). Without GPUs (``--cpu-smoke``: Gloo, CPU tensors, the torch ops) it checks the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+
+class _Bucket:
+    """The three ``GradBucket`` methods the hooks call."""
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self._buf = buf
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+
+def host_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Median host microseconds per call of ``fn`` (GPU work not waited for; one sync per batch)."""
+    times = []
+    for _ in range(3):  # warm-up and two timed batches
+        batch = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            batch.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        times = batch if not times else times + batch
+    return statistics.median(times[calls:]) * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="JSON file written by rank 0")
+    p.add_argument("--numel", type=int, default=6_553_600, help="bucket size (floats): 25 MiB, DDP's default cap")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
+    args = p.parse_args()
+    cpu = args.cpu_smoke or not torch.cuda.is_available()
+    dist.init_process_group("gloo" if cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if not cpu:
+        torch.cuda.set_device(device)
+    import alq_torch
+    from alq_core import HEADER_SIZE, QuantizerConfig, default_levels, payload_size
+    from alq_torch import _tables
+    from alq_torch._hook import _all_gather_flat
+
+    config = QuantizerConfig("alq", bits=3, bucket_size=8192, nonfinite="propagate")
+    levels = default_levels(config)
+    n = args.numel
+    x = torch.randn(n, device=device, generator=torch.Generator(device).manual_seed(rank)) * 1e-3
+    size = payload_size(config, n)
+    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    gathered = torch.empty(world * size, dtype=torch.uint8, device=device)
+    out = torch.empty(n, device=device)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    alq_torch.quantize_encode(x, levels, config, seed=1, out=buf)
+    _all_gather_flat(gathered, buf, None, False)
+    payloads = gathered.view(world, size)
+    res: dict[str, float] = {}
+    if not cpu:
+        from alq_torch import _kernels
+
+        table = _tables.level_table(levels, config, device)
+        head = _tables.header_tensor(config, n, 0, table.crc, device)
+        m = config.num_quantized(n)
+        codes_off = HEADER_SIZE + 4 * config.num_buckets(n)
+        res["kernel quantize_pack (Triton launch)"] = host_us(
+            lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=5), args.calls, device
+        )
+        res["kernel decode_sum (Triton launch)"] = host_us(
+            lambda: _kernels.decode_sum(payloads, table, config, m, codes_off, out, 1 / world, (head, flag)),
+            args.calls,
+            device,
+        )
+    res["quantize_encode"] = host_us(
+        lambda: alq_torch.quantize_encode(x, levels, config, seed=5, out=buf), args.calls, device
+    )
+    res["decode_sum (device header check)"] = host_us(
+        lambda: alq_torch.decode_sum(
+            payloads, levels, config, n, table_version=0, out=out, scale=1 / world, check_headers=flag
+        ),
+        args.calls,
+        device,
+    )
+    res["all-gather of the payload (async)"] = host_us(
+        lambda: _all_gather_flat(gathered, buf, None, True), args.calls, device
+    )
+    grad = x.clone()
+    res["fp16_compress_hook"] = host_us(
+        lambda: default_hooks.fp16_compress_hook(None, _Bucket(grad)),
+        args.calls,
+        device,  # type: ignore[arg-type]
+    )
+    state = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
+    res["alq_hook (one bucket, one round)"] = host_us(
+        lambda: alq_torch.alq_hook(state, _Bucket(grad)).wait(), args.calls, device
+    )
+    if rank == 0:
+        meta = {
+            "device": "CPU (Gloo smoke run)" if cpu else torch.cuda.get_device_name(device),
+            "world": world,
+            "numel": n,
+            "calls": args.calls,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "host_us": res}, fh, indent=1)
+        print(f"host time per call, median of {args.calls} (us), bucket {n} floats, world {world}: {meta['device']}")
+        for k, v in res.items():
+            print(f"{k:45s} {v:9.1f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
