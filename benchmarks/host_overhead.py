@@ -9,11 +9,13 @@ Run on the GPU machine (2 GPUs), from the repository root::
 Per call, the median over ``--calls`` calls of the time the *host* spends in the call (the GPU work it
 enqueues is not waited for; the GPU runs far ahead of these small buckets, so no call blocks on a
 full launch queue; every ``--calls`` calls synchronize once, outside the timing): the raw
-kernel launches (``_kernels.quantize_pack`` / ``decode_sum``), the public ops (``quantize_encode``,
+kernel launches (``_kernels.quantize_pack`` / ``decode_sum``, through Triton's dispatch and launched
+directly, ``TUNING["direct_launch"]``), the public ops (``quantize_encode``,
 ``decode_sum`` with the device header check, as the hook calls them), one all-gather (the hook's call), torch's
-``fp16_compress_hook`` and ``alq_hook`` on a bucket of ``--numel`` float32 gradients (a DDP bucket
-stand-in with ``buffer()``, ``index()``, ``is_last()``; one bucket per round, so every call is a
-whole round). Without GPUs (``--cpu-smoke``: Gloo, CPU tensors, the torch ops) it checks the script.
+``fp16_compress_hook`` on a bucket of ``--numel`` float32 gradients, and ``alq_hook`` per bucket in
+rounds of ``--buckets`` such buckets (DDP bucket stand-ins with ``buffer()``, ``index()``,
+``is_last()``), with ``timing=False`` (as ``ddp_resnet50.py`` runs it) and with the default timing
+events. Without GPUs (``--cpu-smoke``: Gloo, CPU tensors, the torch ops) it checks the script.
 """
 
 from __future__ import annotations
@@ -35,17 +37,17 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 class _Bucket:
     """The three ``GradBucket`` methods the hooks call."""
 
-    def __init__(self, buf: torch.Tensor) -> None:
-        self._buf = buf
+    def __init__(self, buf: torch.Tensor, index: int = 0, last: bool = True) -> None:
+        self._buf, self._index, self._last = buf, index, last
 
     def buffer(self) -> torch.Tensor:
         return self._buf
 
     def index(self) -> int:
-        return 0
+        return self._index
 
     def is_last(self) -> bool:
-        return True
+        return self._last
 
 
 def host_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
@@ -69,7 +71,9 @@ def main() -> None:
     p.add_argument("out", help="JSON file written by rank 0")
     p.add_argument("--numel", type=int, default=6_553_600, help="bucket size (floats): 25 MiB, DDP's default cap")
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--buckets", type=int, default=4, help="buckets per hook round (ResNet-50 at 25 MiB: 4-5)")
     p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
+    p.add_argument("--cprofile", action="store_true", help="also write cProfile tables of alq_hook (rank 0)")
     args = p.parse_args()
     cpu = args.cpu_smoke or not torch.cuda.is_available()
     dist.init_process_group("gloo" if cpu else "nccl")
@@ -95,21 +99,24 @@ def main() -> None:
     _all_gather_flat(gathered, buf, None, False)
     payloads = gathered.view(world, size)
     res: dict[str, float] = {}
-    if not cpu:
-        from alq_torch import _kernels
+    from alq_torch import _kernels
 
+    if not cpu:
         table = _tables.level_table(levels, config, device)
         head = _tables.header_tensor(config, n, 0, table.crc, device)
         m = config.num_quantized(n)
         codes_off = HEADER_SIZE + 4 * config.num_buckets(n)
-        res["kernel quantize_pack (Triton launch)"] = host_us(
-            lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=5), args.calls, device
-        )
-        res["kernel decode_sum (Triton launch)"] = host_us(
-            lambda: _kernels.decode_sum(payloads, table, config, m, codes_off, out, 1 / world, (head, flag)),
-            args.calls,
-            device,
-        )
+        for direct in (False, True):
+            _kernels.TUNING["direct_launch"] = direct
+            how = "direct launch" if direct else "Triton dispatch"
+            res[f"kernel quantize_pack ({how})"] = host_us(
+                lambda: _kernels.quantize_pack(x, table, config, head, buf, noise=None, seed=5), args.calls, device
+            )
+            res[f"kernel decode_sum ({how})"] = host_us(
+                lambda: _kernels.decode_sum(payloads, table, config, m, codes_off, out, 1 / world, (head, flag)),
+                args.calls,
+                device,
+            )
     res["quantize_encode"] = host_us(
         lambda: alq_torch.quantize_encode(x, levels, config, seed=5, out=buf), args.calls, device
     )
@@ -129,10 +136,50 @@ def main() -> None:
         args.calls,
         device,  # type: ignore[arg-type]
     )
-    state = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
-    res["alq_hook (one bucket, one round)"] = host_us(
-        lambda: alq_torch.alq_hook(state, _Bucket(grad)).wait(), args.calls, device
+    k = args.buckets
+    grads = [grad.clone() for _ in range(k)]
+
+    def rounds(state: Any) -> Callable[[], None]:
+        def one() -> None:  # a round of k buckets, as DDP calls the hook in a step
+            futs = [alq_torch.alq_hook(state, _Bucket(g, i, i == k - 1)) for i, g in enumerate(grads)]
+            for f in futs:
+                f.wait()
+
+        return one
+
+    state = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
+    _kernels.TUNING["direct_launch"] = False
+    res[f"alq_hook, per bucket (rounds of {k}, timing=False, Triton dispatch)"] = (
+        host_us(rounds(state), args.calls, device) / k
     )
+    _kernels.TUNING["direct_launch"] = True
+    res[f"alq_hook, per bucket (rounds of {k}, timing=False as ddp_resnet50)"] = (
+        host_us(rounds(state), args.calls, device) / k
+    )
+    timed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
+    res[f"alq_hook, per bucket (rounds of {k}, timing=True: the default)"] = (
+        host_us(rounds(timed), args.calls, device) / k
+    )
+    if args.cprofile:  # where the hook's host time goes (rank 0's table; every rank runs the calls)
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        one = rounds(state)
+        for _ in range(args.calls):
+            one()
+        prof.disable()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if rank == 0:
+            text = io.StringIO()
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumtime").print_stats(40)
+            with open(f"{os.path.splitext(args.out)[0]}.cprofile.txt", "w") as fh:
+                fh.write(text.getvalue())
     if rank == 0:
         meta = {
             "device": "CPU (Gloo smoke run)" if cpu else torch.cuda.get_device_name(device),

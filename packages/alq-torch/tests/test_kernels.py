@@ -467,6 +467,47 @@ def test_cuda_large_matches_core() -> None:
     np.testing.assert_array_equal(total.cpu().numpy(), (deq + deq) * np.float32(0.5))
 
 
+def test_launch_key_covers_triton_specialization() -> None:
+    """The direct-launch key separates whatever Triton compiles differently: tensor dtype and 16-byte
+    alignment, int values (width class only for arguments Triton does not specialize), float type."""
+    from alq_torch import _kernels
+
+    k = _kernels._arg_key
+    base = torch.zeros(64, dtype=torch.uint8)
+    assert k(base, True) != k(base[1:], True)  # alignment
+    assert k(base, True) != k(base.view(torch.int32), True)  # dtype
+    assert k(16, True) != k(32, True) and k(1, True) != k(2, True)  # values (Triton: == 1, % 16)
+    assert k(5, False) == k(7, False) != k(2**40, False) != k(2**63 + 1, False)  # i32 / i64 / u64
+    assert k(0.5, True) == k(0.25, True)
+
+
+@needs_cuda
+def test_direct_launch_runs_the_dispatched_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a signature's first launch the compiled kernel is launched directly: bytes still the core's,
+    one cache entry per signature (device noise, an unaligned output and another size are new ones)."""
+    from alq_torch import _kernels
+
+    monkeypatch.setattr(_kernels, "_LAUNCHES", {})
+    config = QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="propagate")
+    levels = default_levels(config)
+    x = _x(5000, seed=3)
+    for k in range(3):
+        _check(x * (k + 1), config)  # given noise: bit-exact with the core, launches 2 and 3 direct
+    assert len(_kernels._LAUNCHES) == 1
+    a = quantize_encode(x.to(DEVICE), levels, config, seed=7)
+    assert torch.equal(a, quantize_encode(x.to(DEVICE), levels, config, seed=7))
+    assert not torch.equal(a, quantize_encode(x.to(DEVICE), levels, config, seed=8))
+    assert len(_kernels._LAUNCHES) == 2
+    buf = torch.zeros(a.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    assert torch.equal(quantize_encode(x.to(DEVICE), levels, config, seed=7, out=buf[1:]), a)  # unaligned
+    assert len(_kernels._LAUNCHES) == 3
+    payloads = torch.stack([a, quantize_encode(x.to(DEVICE) * 2, levels, config, seed=9)])
+    first = decode_sum(payloads, levels, config, 5000, scale=0.5)
+    assert torch.equal(first, decode_sum(payloads, levels, config, 5000, scale=0.5))
+    parts = [alq_core.dequantize(alq_core.decode(p.cpu().numpy()), levels) for p in payloads]
+    np.testing.assert_array_equal(first.cpu().numpy(), (parts[0] + parts[1]) * np.float32(0.5))
+
+
 @needs_cuda
 def test_cuda_import_does_not_compile() -> None:
     assert hasattr(alq_torch, "quantize_encode")

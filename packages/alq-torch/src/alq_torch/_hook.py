@@ -345,11 +345,12 @@ class ALQState:
         with self._lock:
             pending, self._pending = self._pending, []
         keep: list[_PendingCheck] = []
-        for p in pending:
+        for i, p in enumerate(pending):
             failed = p.failed(block)
-            if failed is None:
-                keep.append(p)
-            elif failed:
+            if failed is None:  # rounds complete in order: the later ones are not known either
+                keep = pending[i:]
+                break
+            if failed:
                 last = "" if failed[-1] < _MAX_FLAGS - 1 else f" (index {_MAX_FLAGS - 1} stands for all higher ones)"
                 msg = (
                     f"step {p.step}, bucket(s) {failed}{last}: a payload header did not match this rank's"

@@ -83,6 +83,8 @@ TUNING: dict[str, Any] = {
     "decode_warps": 4,
     "decode_pairs_min_w": 4,  # from this many payloads on, look two codes up at once (code_bits <= 4; H200 sweep)
     "decode_words": True,  # read code bytes and scales as one or two aligned words (compiled only; H200 sweep)
+    # both: after a signature's first launch, launch the compiled kernel directly (_launch)
+    "direct_launch": True,
 }
 
 
@@ -92,6 +94,71 @@ def _interpret() -> bool:
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+#: Compiled kernels by launch signature (see :func:`_launch`); cleared when it reaches ``_MAX_LAUNCHES``.
+_LAUNCHES: dict[tuple[Any, ...], Any] = {}
+_MAX_LAUNCHES = 4096
+
+
+def _arg_key(arg: Any, specialize: bool) -> Any:
+    """What Triton specializes a run-time argument on, or finer: a tensor's dtype and 16-byte alignment; an
+    int's value (its width class where not specialized); a float's type."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return type(arg)
+    if specialize:
+        return arg
+    return -(2**31) <= arg < 2**31, arg < 2**63
+
+
+def _launch_hooks_active() -> bool:
+    """Whether Triton launch hooks (its profiling knobs) are set; Triton < 3.4 has no knobs: assume so."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return True
+    return any(
+        h is not None and getattr(h, "calls", True)
+        for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    )
+
+
+def _launch(fn: Any, grid: tuple[int], args: tuple[Any, ...], consts: dict[str, Any], options: dict[str, Any]) -> None:
+    """``fn[grid](*args, **consts, **options)``. Compiled, the first launch of a signature goes through
+    Triton's dispatch and keeps the compiled kernel; later ones launch it directly on the current stream.
+
+    Triton's dispatch (binding, specialization key, cache lookup, device and stream look-ups, launch
+    metadata) costs tens of microseconds of host time per call: in a DDP step replayed as CUDA graphs,
+    with the hook running between the replays, that host time is step time
+    (``benchmarks/host_overhead.py``). The key holds everything Triton specializes on (or finer: int
+    values), the constants, the launch options and the current device, so a direct launch runs the
+    kernel the dispatch would pick. With launch hooks set, every launch takes the dispatch.
+    """
+    if _interpret() or not TUNING["direct_launch"] or _launch_hooks_active():
+        fn[grid](*args, **consts, **options)
+        return
+    device = torch.cuda.current_device()
+    nospec = fn.do_not_specialize
+    key = (
+        fn,
+        device,
+        tuple(_arg_key(a, i not in nospec and n not in nospec) for i, (a, n) in enumerate(zip(args, fn.arg_names))),
+        tuple(consts.items()),
+        tuple(options.items()),
+    )
+    kernel = _LAUNCHES.get(key)
+    if kernel is None:
+        kernel = fn[grid](*args, **consts, **options)
+        if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            if len(_LAUNCHES) >= _MAX_LAUNCHES:
+                _LAUNCHES.clear()
+            _LAUNCHES[key] = kernel
+        return
+    values = list(args)
+    values.extend(consts[name] for name in fn.arg_names[len(args) :])
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
 
 
 def fused_supported(config: QuantizerConfig) -> bool:
@@ -519,13 +586,14 @@ def quantize_pack(
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
     if cap and not interp:
         extra["maxnreg"] = cap
-    _qpack_kernel[(max(1, n_loop + n_blocks - n_even if loop else n_blocks),)](
-        src, u, table.levels, table.pairs, head, out,
-        m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop,
-        D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
-        LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
-        LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop,
-        **extra,
+    _launch(
+        _qpack_kernel,
+        (max(1, n_loop + n_blocks - n_even if loop else n_blocks),),
+        (src, u, table.levels, table.pairs, head, out, m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop),
+        dict(D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
+             LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
+             LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop),
+        extra,
     )  # fmt: skip
     if n > m:
         off = codes_off + packed_size(m, config.code_bits)
@@ -809,12 +877,14 @@ def decode_sum(
     # pair lookups take one scale per group of 8 codes: buckets must be whole groups
     pair = table.code_pairs.numel() > 0 and config.bucket_size % 8 == 0 and w_count >= int(TUNING["decode_pairs_min_w"])
     head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
-    _decode_sum_kernel[grid](
-        payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
-        m, -(-m // 8), codes_off, scale, w_count,
-        D=config.bucket_size, BITS=config.code_bits, BLOCK=block,
-        UNROLL=w_count if w_count <= MAX_UNROLL or interp else 0, HAS_SCALE=scale != 1.0,
-        PAIR=pair, LIB=not interp, CHECK=check is not None, HW=min(16, _next_pow2(w_count)),
-        WORDS=not interp and bool(TUNING["decode_words"]),
-        **extra,
+    _launch(
+        _decode_sum_kernel,
+        grid,
+        (payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
+         m, -(-m // 8), codes_off, scale, w_count),
+        dict(D=config.bucket_size, BITS=config.code_bits, BLOCK=block,
+             UNROLL=w_count if w_count <= MAX_UNROLL or interp else 0, HAS_SCALE=scale != 1.0,
+             PAIR=pair, LIB=not interp, CHECK=check is not None, HW=min(16, _next_pow2(w_count)),
+             WORDS=not interp and bool(TUNING["decode_words"])),
+        extra,
     )  # fmt: skip
