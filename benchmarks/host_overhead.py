@@ -34,22 +34,6 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 
-class _Bucket:
-    """The three ``GradBucket`` methods the hooks call."""
-
-    def __init__(self, buf: torch.Tensor, index: int = 0, last: bool = True) -> None:
-        self._buf, self._index, self._last = buf, index, last
-
-    def buffer(self) -> torch.Tensor:
-        return self._buf
-
-    def index(self) -> int:
-        return self._index
-
-    def is_last(self) -> bool:
-        return self._last
-
-
 def host_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     """Median host microseconds per call of ``fn`` (GPU work not waited for; one sync per batch)."""
     times = []
@@ -85,6 +69,7 @@ def main() -> None:
     from alq_core import HEADER_SIZE, QuantizerConfig, default_levels, payload_size
     from alq_torch import _tables
     from alq_torch._hook import _all_gather_flat
+    from alq_torch.testing import FakeBucket
 
     config = QuantizerConfig("alq", bits=3, bucket_size=8192, nonfinite="propagate")
     levels = default_levels(config)
@@ -132,7 +117,7 @@ def main() -> None:
     )
     grad = x.clone()
     res["fp16_compress_hook"] = host_us(
-        lambda: default_hooks.fp16_compress_hook(None, _Bucket(grad)),
+        lambda: default_hooks.fp16_compress_hook(None, FakeBucket(grad)),
         args.calls,
         device,  # type: ignore[arg-type]
     )
@@ -141,7 +126,7 @@ def main() -> None:
 
     def rounds(state: Any) -> Callable[[], None]:
         def one() -> None:  # a round of k buckets, as DDP calls the hook in a step
-            futs = [alq_torch.alq_hook(state, _Bucket(g, i, i == k - 1)) for i, g in enumerate(grads)]
+            futs = [alq_torch.alq_hook(state, FakeBucket(g, i, i == k - 1)) for i, g in enumerate(grads)]
             for f in futs:
                 f.wait()
 

@@ -24,30 +24,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from alq_core import METHODS, PayloadError, QuantizerConfig
 from alq_torch import ALQState, alq_hook
+from alq_torch.testing import FakeBucket
 
 BUCKET = 256
 #: Two DDP-bucket sizes per round: uneven (tail of 77) and exact multiple.
 SIZES = (20 * BUCKET + 77, 6 * BUCKET)
 QUANTIZED = [m for m, spec in METHODS.items() if spec.quantized]
-
-
-class FakeBucket:
-    """The part of ``torch.distributed.GradBucket`` the hook uses."""
-
-    def __init__(self, buf: torch.Tensor, index: int, last: bool) -> None:
-        self._buf, self._index, self._last = buf, index, last
-
-    def buffer(self) -> torch.Tensor:
-        return self._buf
-
-    def index(self) -> int:
-        return self._index
-
-    def is_last(self) -> bool:
-        return self._last
-
-    def parameters(self) -> list[torch.Tensor]:
-        return []
 
 
 def local_grad(step: int, index: int, rank: int, n: int) -> np.ndarray:
