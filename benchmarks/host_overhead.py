@@ -115,11 +115,32 @@ def main() -> None:
     res["all-gather of the payload (async)"] = host_us(
         lambda: _all_gather_flat(gathered, buf, None, True), args.calls, device
     )
+    res["all-gather + then(callback) of the completion future"] = host_us(
+        lambda: _all_gather_flat(gathered, buf, None, True).get_future().then(lambda f: out).wait(), args.calls, device
+    )
+    res[f"torch.empty({size}, uint8)"] = host_us(
+        lambda: torch.empty(size, dtype=torch.uint8, device=device), args.calls, device
+    )
+    if not cpu:
+
+        def stream_bookkeeping() -> None:
+            gathered.record_stream(torch.cuda.current_stream(device))
+
+        res["record_stream(current_stream(device))"] = host_us(stream_bookkeeping, args.calls, device)
+
+        def round_check() -> None:  # what the hook does once per round for its header-check flags
+            pinned = torch.empty(256, dtype=torch.int32, pin_memory=True)
+            pinned.copy_(out[:256].view(torch.int32), non_blocking=True)
+            ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ev.record()
+            ev.query()
+
+        res["pinned copy + event (the hook's per-round flag read-back)"] = host_us(round_check, args.calls, device)
     grad = x.clone()
     res["fp16_compress_hook"] = host_us(
         lambda: default_hooks.fp16_compress_hook(None, FakeBucket(grad)),
         args.calls,
-        device,  # type: ignore[arg-type]
+        device,
     )
     k = args.buckets
     grads = [grad.clone() for _ in range(k)]
