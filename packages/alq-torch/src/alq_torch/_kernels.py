@@ -132,17 +132,21 @@ def _launch(fn: Any, grid: tuple[int], args: tuple[Any, ...], consts: dict[str, 
     metadata) costs tens of microseconds of host time per call: in a DDP step replayed as CUDA graphs,
     with the hook running between the replays, that host time is step time
     (``benchmarks/host_overhead.py``). The key holds everything Triton specializes on (or finer: int
-    values), the constants, the launch options and the current device, so a direct launch runs the
-    kernel the dispatch would pick. With launch hooks set, every launch takes the dispatch.
+    values), the constants, the launch options, the current device and Triton's debug and
+    instrumentation modes, so a direct launch runs the kernel the dispatch would pick. With launch
+    hooks set, every launch takes the dispatch.
     """
     if _interpret() or not TUNING["direct_launch"] or _launch_hooks_active():
         fn[grid](*args, **consts, **options)
         return
     device = torch.cuda.current_device()
     nospec = fn.do_not_specialize
+    knobs = triton.knobs
     key = (
         fn,
         device,
+        getattr(knobs.runtime, "debug", None),  # compile modes the dispatch reads at every launch
+        getattr(knobs.compilation, "instrumentation_mode", None),
         tuple(_arg_key(a, i not in nospec and n not in nospec) for i, (a, n) in enumerate(zip(args, fn.arg_names))),
         tuple(consts.items()),
         tuple(options.items()),
