@@ -34,11 +34,9 @@ step, the compute floor of PERFORMANCE.md's socket target.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -171,11 +169,8 @@ def _profile_steps(setup: _Setup) -> None:
         return
     tag = "".join(c if c.isalnum() else "_" for c in name)
     path = f"{os.path.splitext(args.out)[0]}.profile.{tag}.txt"
-    trace = f"{os.path.splitext(path)[0]}.trace.json"
-    prof.export_chrome_trace(trace)  # the timeline: streams, gaps, overlap of hooks with backward
-    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.remove(trace)
+    # the timeline (streams, gaps, overlap of hooks with backward); torch gzips a ".gz" path itself
+    prof.export_chrome_trace(f"{os.path.splitext(path)[0]}.trace.json.gz")
     avg = prof.key_averages()
     with open(path, "w") as fh:
         fh.write(f"{name}: 3 steps\n\nby self CPU time\n")

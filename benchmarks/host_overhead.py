@@ -37,16 +37,14 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 def host_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     """Median host microseconds per call of ``fn`` (GPU work not waited for; one sync per batch)."""
     times = []
-    for _ in range(3):  # warm-up and two timed batches
-        batch = []
+    for _ in range(3):  # a warm-up batch and two timed ones
         for _ in range(calls):
             t0 = time.perf_counter()
             fn()
-            batch.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dist.barrier()
-        times = batch if not times else times + batch
     return statistics.median(times[calls:]) * 1e6
 
 
