@@ -100,6 +100,15 @@ def main() -> None:
                 args.calls,
                 device,
             )
+    if not cpu:
+        from alq_torch._wire import prepare_decode_sum, prepare_quantize_encode
+
+        encode = prepare_quantize_encode(x, levels, config, out=buf)
+        res["prepared quantize_encode (the hook's per-bucket plan)"] = host_us(lambda: encode(5), args.calls, device)
+        decode = prepare_decode_sum(
+            payloads, levels, config, n, table_version=0, out=out, scale=1 / world, check_headers=flag
+        )
+        res["prepared decode_sum (device header check)"] = host_us(decode, args.calls, device)
     res["quantize_encode"] = host_us(
         lambda: alq_torch.quantize_encode(x, levels, config, seed=5, out=buf), args.calls, device
     )
@@ -115,6 +124,12 @@ def main() -> None:
     )
     res["all-gather + then(callback) of the completion future"] = host_us(
         lambda: _all_gather_flat(gathered, buf, None, True).get_future().then(lambda f: out).wait(), args.calls, device
+    )
+    res["all-gather + work.wait() (stream wait, no future)"] = host_us(
+        lambda: _all_gather_flat(gathered, buf, None, True).wait(), args.calls, device
+    )
+    res["dist.get_world_size() + dist.get_rank()"] = host_us(
+        lambda: (dist.get_world_size(), dist.get_rank()), args.calls, device
     )
     res[f"torch.empty({size}, uint8)"] = host_us(
         lambda: torch.empty(size, dtype=torch.uint8, device=device), args.calls, device
@@ -160,6 +175,16 @@ def main() -> None:
     res[f"alq_hook, per bucket (rounds of {k}, timing=False as ddp_resnet50)"] = (
         host_us(rounds(state), args.calls, device) / k
     )
+    from alq_torch import _hook
+
+    real_ops = _hook.prepare_quantize_encode, _hook.prepare_decode_sum
+    _hook.prepare_quantize_encode = lambda x, *a, out, **kw: lambda seed: out  # type: ignore[assignment]
+    _hook.prepare_decode_sum = lambda p, lv, c, n, *, out=None, **kw: lambda: out if out is not None else p  # type: ignore[assignment]
+    stubbed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
+    res[f"alq_hook, per bucket (rounds of {k}, timing=False, ops stubbed out)"] = (
+        host_us(rounds(stubbed), args.calls, device) / k
+    )
+    _hook.prepare_quantize_encode, _hook.prepare_decode_sum = real_ops
     timed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
     res[f"alq_hook, per bucket (rounds of {k}, timing=True: the default)"] = (
         host_us(rounds(timed), args.calls, device) / k

@@ -115,6 +115,31 @@ def check_method(per_rank: list[dict[str, Any]], key: str, world: int, dtype: to
     return log
 
 
+def check_allgather_bits(
+    per_rank: list[dict[str, Any]], method: str, world: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> None:
+    """The all-gather rounds equal the public ops bit for bit: every rank's ``quantize_encode`` with the
+    hook's seed, level table and version, then ``decode_sum`` of the W payloads scaled by ``1/W`` (the
+    hook keeps one prepared exchange per bucket: a stale table, seed or buffer shows here)."""
+    from alq_torch import decode_sum, quantize_encode
+    from alq_torch._hook import _derive_seed
+
+    cfg = QuantizerConfig(method, bits=3, bucket_size=hw.BUCKET, nonfinite="propagate")
+    r0 = per_rank[0]
+    for step, outs in enumerate(r0["results"]):
+        levels, version = r0["levels"][step], r0["versions"][step]
+        for i, got in enumerate(outs):
+            xs = [torch.from_numpy(x).to(device=device, dtype=dtype) for x in inputs(step, i, world, dtype)]
+            payloads = torch.stack(
+                [
+                    quantize_encode(x, levels, cfg, table_version=version, seed=_derive_seed(0, step, i, r, 1, 0))
+                    for r, x in enumerate(xs)
+                ]
+            )
+            want = decode_sum(payloads, levels, cfg, xs[0].numel(), table_version=version, scale=1.0 / world)
+            assert torch.equal(got, want.to(dtype).cpu()), f"{method}: round {step} bucket {i} differs from the ops"
+
+
 # ----------------------------------------------------------------- tests
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_method_identical_on_all_ranks_and_within_predicted_variance(
@@ -126,6 +151,16 @@ def test_every_method_identical_on_all_ranks_and_within_predicted_variance(
     for key in keys:
         check_method([res[r][key] for r in range(world)], key, world)
         assert res[0][key]["modes"][-1] == [key.split("/")[1]] * 2
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_allgather_rounds_equal_the_ops_bit_for_bit(
+    world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]
+) -> None:
+    res = _ok((w2 if world == 2 else w3)["methods"])
+    for method in hw.QUANTIZED:
+        check_allgather_bits([res[r][f"{method}/allgather"] for r in range(world)], method, world)
+    assert any(v != 0 for v in res[0]["alq/allgather"]["versions"]), "the level table never changed"
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -169,6 +204,7 @@ def test_half_precision_buckets_keep_their_dtype(w2: dict[str, list[Any]]) -> No
     res = _ok(w2["half"])
     for name, dt, coll in (("float16", torch.float16, "allgather"), ("bfloat16", torch.bfloat16, "reduce_scatter")):
         check_method([res[0][name], res[1][name]], f"alq/{coll}", 2, dt)
+    check_allgather_bits([res[0]["float16"], res[1]["float16"]], "alq", 2, dtype=torch.float16)
 
 
 def test_warmup_rounds_are_exact(w2: dict[str, list[Any]]) -> None:

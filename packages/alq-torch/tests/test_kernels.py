@@ -45,15 +45,15 @@ def kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         monkeypatch.setenv("ALQ_TORCH_KERNELS_ON_CPU", "1")
     from alq_torch import _kernels
 
-    calls = {"quantize_pack": 0, "decode_sum": 0}
+    calls = {"quantize_pack": 0, "decode_sum": 0}  # preparations of each launch
     for name in calls:
-        real = getattr(_kernels, name)
+        real = getattr(_kernels, f"prepare_{name}")
 
         def spy(*a: object, _real: object = real, _name: str = name, **k: object) -> object:
             calls[_name] += 1
             return _real(*a, **k)  # type: ignore[operator]
 
-        monkeypatch.setattr(_kernels, name, spy)
+        monkeypatch.setattr(_kernels, f"prepare_{name}", spy)
     return calls
 
 
@@ -479,6 +479,36 @@ def test_launch_key_covers_triton_specialization() -> None:
     assert k(16, True) != k(32, True) and k(1, True) != k(2, True)  # values (Triton: == 1, % 16)
     assert k(5, False) == k(7, False) != k(2**40, False) != k(2**63 + 1, False)  # i32 / i64 / u64
     assert k(0.5, True) == k(0.25, True)
+
+
+def test_prepared_launches_follow_their_buffers_and_seeds(kernels: dict[str, int]) -> None:
+    """The hook's prepared encode and decode, called again and again on buffers whose contents change,
+    equal fresh public-op calls; seeds of both int widths (the kernel's seed argument is compiled as
+    int32 or int64) each take their own kernel."""
+    from alq_torch._wire import prepare_decode_sum, prepare_quantize_encode
+
+    config = QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="propagate")
+    levels = default_levels(config)
+    n = 5000
+    x = torch.empty(n, device=DEVICE)
+    out = torch.empty(payload_size(config, n), dtype=torch.uint8, device=DEVICE)
+    encode = prepare_quantize_encode(x, levels, config, table_version=2, out=out)
+    rows = torch.empty(2, out.numel(), dtype=torch.uint8, device=DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    decode = prepare_decode_sum(rows, levels, config, n, table_version=2, scale=0.5, check_headers=flag)
+    seeds = (5, 2**40 + 3, 7, 2**62, 2**31 - 1)
+    for k, seed in enumerate(seeds):
+        x.copy_(_x(n, seed=k))
+        want = quantize_encode(x.clone(), levels, config, table_version=2, seed=seed)
+        assert encode(seed).data_ptr() == out.data_ptr()
+        assert torch.equal(out, want), f"seed {seed}"
+        rows[0].copy_(want)
+        rows[1].copy_(quantize_encode(x.clone() * 2, levels, config, table_version=2, seed=seed + 1))
+        total = decode_sum(rows.clone(), levels, config, n, table_version=2, scale=0.5)
+        assert torch.equal(decode(), total)
+    assert int(flag.item()) == 0
+    assert kernels["quantize_pack"] == 1 + 2 * len(seeds)
+    assert kernels["decode_sum"] == 1 + len(seeds)
 
 
 @needs_cuda

@@ -48,7 +48,7 @@ from alq_core import PayloadError, QuantizerConfig, payload_size
 
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span
-from ._wire import decode_sum, quantize_encode
+from ._wire import decode_sum, prepare_decode_sum, prepare_quantize_encode, quantize_encode
 
 Collective = Literal["auto", "allgather", "reduce_scatter"]
 _COLLECTIVES = ("auto", "allgather", "reduce_scatter")
@@ -133,6 +133,48 @@ class _PendingCheck:
                 return None
             self._event.synchronize()
         return [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
+
+
+class _GatherPlan:
+    """One DDP bucket's all-gather exchange, prepared once per buffer, size, dtype and level table.
+
+    DDP hands the hook the same bucket buffers every step, so the payload and gather buffers are kept
+    (no allocation, no ``record_stream``) and the encode and decode are prepared launches
+    (:func:`alq_torch._wire.prepare_quantize_encode`, :func:`~alq_torch._wire.prepare_decode_sum`):
+    a step pays little more host time than the kernel launches themselves. Reusing the buffers is
+    ordered by the streams: the next step's quantize (compute stream) and all-gather (which waits for
+    the compute stream) come after DDP waited for this step's future, whose decode read ``gathered``
+    after the all-gather that read ``payload``.
+    """
+
+    __slots__ = ("decode", "encode", "gathered", "key", "payload", "version")
+
+    def __init__(
+        self,
+        state: ALQState,
+        flat: torch.Tensor,
+        index: int,
+        world: int,
+        levels: np.ndarray,
+        version: int,
+        key: tuple[Any, ...],
+    ) -> None:
+        cfg, n, device = state.config, flat.numel(), flat.device
+        size = payload_size(cfg, n)
+        self.key, self.version = key, version
+        self.payload = torch.empty(size, dtype=torch.uint8, device=device)
+        self.gathered = torch.empty(world * size, dtype=torch.uint8, device=device)
+        self.encode = prepare_quantize_encode(flat, levels, cfg, table_version=version, out=self.payload)
+        self.decode = prepare_decode_sum(
+            self.gathered.view(world, size),
+            levels,
+            cfg,
+            n,
+            table_version=version,
+            out=flat if flat.dtype == torch.float32 else None,
+            scale=1.0 / world,
+            check_headers=state._flag(device, index),
+        )
 
 
 class ALQState:
@@ -260,6 +302,7 @@ class ALQState:
         self._lock = threading.Lock()
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
+        self._plans: dict[int, _GatherPlan] = {}  # by DDP bucket index
 
     # ------------------------------------------------------------------ group
     @property
@@ -292,6 +335,7 @@ class ALQState:
             assert host is not None
             self._table_host = np.ascontiguousarray(host, dtype=np.float32)
             self._table_key = version
+            self._plans.clear()
         return self._table_host, version
 
     # --------------------------------------------------------------- telemetry
@@ -503,6 +547,7 @@ class ALQState:
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._table_key = None
+        self._plans.clear()
         self._in_round = False
         self._stats = []
 
@@ -613,38 +658,42 @@ class ALQState:
         err = (deq - ref).double().square().sum()
         rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
 
+    def _gather_plan(self, flat: torch.Tensor, index: int, world: int) -> _GatherPlan:
+        """Bucket ``index``'s kept :class:`_GatherPlan`, rebuilt when its buffer, size, dtype or table changed."""
+        levels, version = self._table()
+        key = (flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, world)
+        plan = self._plans.get(index)
+        if plan is None or plan.key != key:
+            plan = _GatherPlan(self, flat, index, world, levels, version, key)
+            self._plans[index] = plan
+        return plan
+
     def _allgather(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
+        world, rank, step = self.world_size, self.rank, self.step
         device = flat.device
-        levels, version = self._table()
-        n = flat.numel()
-        size = payload_size(cfg, n)
-        rec.table_version = version
-        rec.bytes_sent = (world - 1) * size
+        plan = self._gather_plan(flat, index, world)
+        if device.type == "cuda":
+            self._flags_used = True  # the plan's decode checks headers into this round's flags
+        rec.table_version = plan.version
+        rec.bytes_sent = (world - 1) * plan.payload.numel()
         span_q = self._timed(rec, "quantize", device)
-        payload = torch.empty(size, dtype=torch.uint8, device=device)
-        quantize_encode(
-            flat, levels, cfg, table_version=version, seed=_derive_seed(self.seed, step, index, rank, 1, 0), out=payload
-        )
+        plan.encode(_derive_seed(self.seed, step, index, rank, 1, 0))
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
-            self._local_variance(payload, flat, levels, version, rec)
-        gathered = torch.empty(world * size, dtype=torch.uint8, device=device)
+            levels, version = self._table()
+            self._local_variance(plan.payload, flat, levels, version, rec)
         span_c = self._timed(rec, "communicate", device)
-        work = _all_gather_flat(gathered, payload, self.process_group, async_op=True)
-        out32 = flat if flat.dtype == torch.float32 else None
+        work = _all_gather_flat(plan.gathered, plan.payload, self.process_group, async_op=True)
 
         def finish(f: torch.futures.Future[Any]) -> torch.Tensor:
             f.value()  # re-raises a failed collective
             if span_c is not None:
                 span_c.stop()
-            if device.type == "cuda":
-                gathered.record_stream(torch.cuda.current_stream(device))
             span_d = self._timed(rec, "decode", device)
-            res = self._decode(gathered.view(world, size), levels, version, n, 1.0 / world, out32, index)
+            res = plan.decode()
             if res is not flat:
                 flat.copy_(res)
             if span_d is not None:

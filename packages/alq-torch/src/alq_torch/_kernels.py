@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,29 +125,42 @@ def _launch_hooks_active() -> bool:
     )
 
 
-def _launch(fn: Any, grid: tuple[int], args: tuple[Any, ...], consts: dict[str, Any], options: dict[str, Any]) -> None:
+def _launch_env() -> tuple[Any, ...] | None:
+    """What a direct launch depends on beyond its arguments: the current device and Triton's debug and
+    instrumentation modes (its dispatch reads them at every launch). None where every launch takes
+    Triton's dispatch: the interpreter, launch hooks set (profilers), ``TUNING["direct_launch"]`` off."""
+    if _interpret() or not TUNING["direct_launch"] or _launch_hooks_active():
+        return None
+    knobs = triton.knobs
+    return (
+        torch.cuda.current_device(),
+        getattr(knobs.runtime, "debug", None),
+        getattr(knobs.compilation, "instrumentation_mode", None),
+    )
+
+
+def _launch(
+    fn: Any, grid: tuple[int], args: tuple[Any, ...], consts: dict[str, Any], options: dict[str, Any]
+) -> Any | None:
     """``fn[grid](*args, **consts, **options)``. Compiled, the first launch of a signature goes through
     Triton's dispatch and keeps the compiled kernel; later ones launch it directly on the current stream.
+    Returns the compiled kernel when it may be launched directly (see :class:`Launch`), else None.
 
     Triton's dispatch (binding, specialization key, cache lookup, device and stream look-ups, launch
     metadata) costs tens of microseconds of host time per call: in a DDP step replayed as CUDA graphs,
     with the hook running between the replays, that host time is step time
     (``benchmarks/host_overhead.py``). The key holds everything Triton specializes on (or finer: int
-    values), the constants, the launch options, the current device and Triton's debug and
-    instrumentation modes, so a direct launch runs the kernel the dispatch would pick. With launch
-    hooks set, every launch takes the dispatch.
+    values), the constants, the launch options and :func:`_launch_env`, so a direct launch runs the
+    kernel the dispatch would pick. With launch hooks set, every launch takes the dispatch.
     """
-    if _interpret() or not TUNING["direct_launch"] or _launch_hooks_active():
+    env = _launch_env()
+    if env is None:
         fn[grid](*args, **consts, **options)
-        return
-    device = torch.cuda.current_device()
+        return None
     nospec = fn.do_not_specialize
-    knobs = triton.knobs
     key = (
         fn,
-        device,
-        getattr(knobs.runtime, "debug", None),  # compile modes the dispatch reads at every launch
-        getattr(knobs.compilation, "instrumentation_mode", None),
+        env,
         tuple(_arg_key(a, i not in nospec and n not in nospec) for i, (a, n) in enumerate(zip(args, fn.arg_names))),
         tuple(consts.items()),
         tuple(options.items()),
@@ -154,15 +168,66 @@ def _launch(fn: Any, grid: tuple[int], args: tuple[Any, ...], consts: dict[str, 
     kernel = _LAUNCHES.get(key)
     if kernel is None:
         kernel = fn[grid](*args, **consts, **options)
-        if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-            if len(_LAUNCHES) >= _MAX_LAUNCHES:
-                _LAUNCHES.clear()
-            _LAUNCHES[key] = kernel
-        return
+        if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            return None
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = kernel
+        return kernel
     values = list(args)
     values.extend(consts[name] for name in fn.arg_names[len(args) :])
-    stream = torch._C._cuda_getCurrentRawStream(device)
+    stream = torch._C._cuda_getCurrentRawStream(env[0])
     kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
+    return kernel
+
+
+class Launch:
+    """One kernel launch with its arguments bound, to be repeated: ``fn[grid](*args, **consts, **options)``.
+
+    The first call, and any call after :func:`_launch_env` changed, goes through :func:`_launch`; later
+    calls launch the kept kernel directly on the current stream with the arguments read once (a tensor
+    as its data pointer, which also skips Triton's per-pointer driver query: the tensors are held here
+    and must keep their storage). The DDP hook keeps one per bucket: a launch then costs little more
+    than the driver call. ``seed_at``: the index in ``args`` of an argument given at each call.
+    """
+
+    __slots__ = ("_args", "_consts", "_env", "_fn", "_grid", "_kernel", "_options", "_seed_at", "_values", "_width")
+
+    def __init__(
+        self,
+        fn: Any,
+        grid: tuple[int],
+        args: tuple[Any, ...],
+        consts: dict[str, Any],
+        options: dict[str, Any],
+        seed_at: int | None = None,
+    ) -> None:
+        self._fn, self._grid, self._args, self._consts, self._options = fn, grid, args, consts, options
+        self._seed_at = seed_at
+        self._kernel: Any = None
+        self._env: tuple[Any, ...] | None = None
+        self._width: Any = None
+        self._values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        self._values.extend(consts[name] for name in fn.arg_names[len(args) :])
+
+    def __call__(self, seed: int = 0) -> None:
+        at = self._seed_at
+        kernel = self._kernel
+        if kernel is not None and (at is None or _arg_key(seed, False) == self._width):
+            env = _launch_env()
+            if env is not None and env == self._env:
+                values = self._values
+                if at is not None:
+                    values[at] = seed
+                stream = torch._C._cuda_getCurrentRawStream(env[0])
+                kernel.run(
+                    self._grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *values
+                )
+                return
+        args = self._args if at is None else (*self._args[:at], seed, *self._args[at + 1 :])
+        self._kernel = _launch(self._fn, self._grid, args, self._consts, self._options)
+        self._env = _launch_env()
+        self._width = None if at is None else _arg_key(seed, False)
 
 
 def fused_supported(config: QuantizerConfig) -> bool:
@@ -553,7 +618,7 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def quantize_pack(
+def prepare_quantize_pack(
     src: torch.Tensor,
     table: LevelTable,
     config: QuantizerConfig,
@@ -561,13 +626,14 @@ def quantize_pack(
     out: torch.Tensor,
     *,
     noise: torch.Tensor | None,
-    seed: int,
-) -> None:
-    """Write the whole payload of ``src`` (flat float16/bfloat16/float32) into ``out``.
+) -> Callable[[int], None]:
+    """The launch that writes the whole payload of ``src`` (flat float16/bfloat16/float32) into ``out``;
+    call it with the noise seed, as often as ``src`` changes.
 
     ``head`` is the 40-byte header on the device; ``noise`` float32 (m,) or None
-    for Philox noise from ``seed``. Non-finite buckets get a NaN scale and zero
-    codes whatever ``config.nonfinite`` says (the caller raises).
+    for Philox noise from the seed. Non-finite buckets get a NaN scale and zero
+    codes whatever ``config.nonfinite`` says (the caller raises). The tensors
+    are bound (see :class:`Launch`): keep them alive and in place.
     """
     n = src.numel()
     m = config.num_quantized(n)
@@ -590,18 +656,44 @@ def quantize_pack(
     extra: dict[str, Any] = {} if interp else {"num_warps": warps, "enable_fp_fusion": False}
     if cap and not interp:
         extra["maxnreg"] = cap
-    _launch(
+    launch = Launch(
         _qpack_kernel,
         (max(1, n_loop + n_blocks - n_even if loop else n_blocks),),
-        (src, u, table.levels, table.pairs, head, out, m, nb, n_even, ngroups, seed, clip_bits, codes_off, n_loop),
+        (src, u, table.levels, table.pairs, head, out, m, nb, n_even, ngroups, 0, clip_bits, codes_off, n_loop),
         dict(D=d, G=g, ROWS=rows, BITS=config.code_bits, L=config.num_levels,
              LINF=linf, CLIP=config.clip is not None, NOISE=noise is not None,
              LIB=not interp, ROUNDS=PHILOX_ROUNDS, LOOP=loop),
         extra,
+        seed_at=_QPACK_SEED_ARG,
     )  # fmt: skip
-    if n > m:
-        off = codes_off + packed_size(m, config.code_bits)
-        out[off:].copy_(src[m:].to(torch.float32).view(torch.uint8))
+    if n == m:
+        return launch
+    tail_out = out[codes_off + packed_size(m, config.code_bits) :]
+    tail_src = src[m:]
+
+    def with_tail(seed: int) -> None:
+        launch(seed)
+        tail_out.copy_(tail_src.to(torch.float32).view(torch.uint8))
+
+    return with_tail
+
+
+#: Position of ``seed`` in :func:`prepare_quantize_pack`'s kernel arguments.
+_QPACK_SEED_ARG = 10
+
+
+def quantize_pack(
+    src: torch.Tensor,
+    table: LevelTable,
+    config: QuantizerConfig,
+    head: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    noise: torch.Tensor | None,
+    seed: int,
+) -> None:
+    """:func:`prepare_quantize_pack` launched once with ``seed``."""
+    prepare_quantize_pack(src, table, config, head, out, noise=noise)(seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +945,7 @@ def _decode_sum_kernel(
 MAX_UNROLL = 16
 
 
-def decode_sum(
+def prepare_decode_sum(
     payloads: torch.Tensor,
     table: LevelTable,
     config: QuantizerConfig,
@@ -862,17 +954,20 @@ def decode_sum(
     out: torch.Tensor,
     scale: float,
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """Write ``scale * sum_w s_w * l[c_w]`` of the ``m`` quantized coordinates into ``out[:m]``.
+) -> Launch:
+    """The launch that writes ``scale * sum_w s_w * l[c_w]`` of the ``m`` quantized coordinates into
+    ``out[:m]``; call it (no arguments) as often as ``payloads`` change.
 
-    ``payloads`` uint8 (W, P) (rows may start at any byte). ``check``: None
+    ``payloads`` uint8 (W, P), rows of unit stride (they may start at any byte). ``check``: None
     (headers checked by the caller), or ``(head, flag)``: the expected 40-byte
     header (uint8) and an int32 flag, both on the device; if any payload's
-    header differs, every output is NaN and ``flag[0]`` is set to 1.
+    header differs, every output is NaN and ``flag[0]`` is set to 1. The tensors
+    are bound (see :class:`Launch`): keep them alive and in place.
     """
-    w_count = payloads.shape[0]
     if payloads.stride(1) != 1:
-        payloads = payloads.contiguous()
+        msg = f"payload rows must have unit stride; got strides {payloads.stride()}"
+        raise ValueError(msg)
+    w_count = payloads.shape[0]
     stride = payloads.stride(0)
     block = int(TUNING["decode_block"])
     interp = _interpret()
@@ -881,7 +976,7 @@ def decode_sum(
     # pair lookups take one scale per group of 8 codes: buckets must be whole groups
     pair = table.code_pairs.numel() > 0 and config.bucket_size % 8 == 0 and w_count >= int(TUNING["decode_pairs_min_w"])
     head, flag = check if check is not None else (payloads, table.lookup)  # dummies when unchecked
-    _launch(
+    return Launch(
         _decode_sum_kernel,
         grid,
         (payloads, stride, table.lookup, table.code_pairs if pair else table.lookup, out, head, flag,
@@ -892,3 +987,19 @@ def decode_sum(
              WORDS=not interp and bool(TUNING["decode_words"])),
         extra,
     )  # fmt: skip
+
+
+def decode_sum(
+    payloads: torch.Tensor,
+    table: LevelTable,
+    config: QuantizerConfig,
+    m: int,
+    codes_off: int,
+    out: torch.Tensor,
+    scale: float,
+    check: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """:func:`prepare_decode_sum` launched once (``payloads`` of any row stride)."""
+    if payloads.stride(1) != 1:
+        payloads = payloads.contiguous()
+    prepare_decode_sum(payloads, table, config, m, codes_off, out, scale, check)()

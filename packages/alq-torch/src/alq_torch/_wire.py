@@ -14,6 +14,7 @@ otherwise (always on CPU).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import alq_core
@@ -289,59 +290,94 @@ def quantize_encode(
     -------
     Tensor of uint8, shape (payload_size(config, n),), on ``x``'s device
     """
+    if noise is not None and seed is not None:
+        msg = "pass either `noise` or `seed`, not both"
+        raise ValueError(msg)
+    src = check_tensor(x).detach().reshape(-1)
+    if src.dtype == torch.float64:
+        src = src.to(torch.float32)
+    return prepare_quantize_encode(src, levels, config, table_version=table_version, noise=noise, out=out)(seed)
+
+
+def prepare_quantize_encode(
+    x: torch.Tensor,
+    levels: object,
+    config: QuantizerConfig,
+    *,
+    table_version: int = 0,
+    noise: torch.Tensor | np.ndarray | None = None,
+    out: torch.Tensor | None = None,
+) -> Callable[[int | None], torch.Tensor]:
+    """:func:`quantize_encode` with everything but the seed checked and resolved once, for a sender that
+    encodes the same tensor again and again (the DDP hook, once per bucket and step).
+
+    ``x``: float16, bfloat16 or float32 (convert float64 first), read at each call: keep it alive
+    and in place, and ``out`` (allocated here when None) too. The returned function takes the seed
+    (see :func:`quantize_encode`; ignored with ``noise``, which is bound) and returns the payload.
+    """
     config = check_config(config)
     version = _check_table_version(table_version)
     src = check_tensor(x).detach().reshape(-1)
     if src.dtype == torch.float64:
-        src = src.to(torch.float32)
+        msg = "prepare_quantize_encode reads `x` at every call: give float32, float16 or bfloat16, not float64"
+        raise ValueError(msg)
     n = src.numel()
     device = src.device
     size = payload_size(config, n)
     if out is not None:
-        out = _check_out(out, size, device, torch.uint8, "the payload")
+        dst = _check_out(out, size, device, torch.uint8, "the payload")
     else:
-        out = torch.empty(size, dtype=torch.uint8, device=device)
+        dst = torch.empty(size, dtype=torch.uint8, device=device)
     if not config.quantized:
-        out[:HEADER_SIZE].copy_(header_tensor(config, n, version, 0, device))
-        out[HEADER_SIZE:].copy_(_f32_bytes(src))
-        return out
+        head = header_tensor(config, n, version, 0, device)
+
+        def exact(seed: int | None) -> torch.Tensor:
+            dst[:HEADER_SIZE].copy_(head)
+            dst[HEADER_SIZE:].copy_(_f32_bytes(src))
+            return dst
+
+        return exact
     table = level_table(levels, config, device)
     m = config.num_quantized(n)
-    u = None
-    if noise is not None:
-        if seed is not None:
-            msg = "pass either `noise` or `seed`, not both"
-            raise ValueError(msg)
-        u = check_noise(noise, m, device)
+    u = None if noise is None else check_noise(noise, m, device)
     head = header_tensor(config, n, version, table.crc, device)
     if device.type == "cuda" or _force_kernels():
         from . import _kernels
 
         if _kernels.fused_supported(config):
-            seed_v = _seed_value(seed) if u is None else 0
-            _kernels.quantize_pack(src, table, config, head, out, noise=u, seed=seed_v)
-            if config.nonfinite == "raise":
-                nb = config.num_buckets(n)
-                scales = _bytes_f32(out[HEADER_SIZE : HEADER_SIZE + 4 * nb])
-                bad = torch.isnan(scales)
-                if nb and bool(bad.any()):
-                    raise ValueError(_nonfinite_message(bad, m, config.bucket_size))
-            return out
-    if u is None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_seed_value(seed))
-        u = torch.rand(m, dtype=torch.float32, device=device, generator=gen)
-    flat32 = src.to(torch.float32)
-    codes, scales = quantize_flat(flat32, table.levels, config, u)
-    off = HEADER_SIZE
-    out[:off].copy_(head)
-    out[off : off + 4 * scales.numel()].copy_(_f32_bytes(scales))
-    off += 4 * scales.numel()
-    packed = pack_codes(codes, config.code_bits)
-    out[off : off + packed.numel()].copy_(packed)
-    off += packed.numel()
-    out[off:].copy_(_f32_bytes(flat32[m:]))
-    return out
+            launch = _kernels.prepare_quantize_pack(src, table, config, head, dst, noise=u)
+            nb = config.num_buckets(n)
+            check_finite = config.nonfinite == "raise" and nb > 0
+
+            def fused(seed: int | None) -> torch.Tensor:
+                launch(_seed_value(seed) if u is None else 0)
+                if check_finite:
+                    bad = torch.isnan(_bytes_f32(dst[HEADER_SIZE : HEADER_SIZE + 4 * nb]))
+                    if bool(bad.any()):
+                        raise ValueError(_nonfinite_message(bad, m, config.bucket_size))
+                return dst
+
+            return fused
+
+    def composed(seed: int | None) -> torch.Tensor:
+        noise_u = u
+        if noise_u is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(_seed_value(seed))
+            noise_u = torch.rand(m, dtype=torch.float32, device=device, generator=gen)
+        flat32 = src.to(torch.float32)
+        codes, scales = quantize_flat(flat32, table.levels, config, noise_u)
+        off = HEADER_SIZE
+        dst[:off].copy_(head)
+        dst[off : off + 4 * scales.numel()].copy_(_f32_bytes(scales))
+        off += 4 * scales.numel()
+        packed = pack_codes(codes, config.code_bits)
+        dst[off : off + packed.numel()].copy_(packed)
+        off += packed.numel()
+        dst[off:].copy_(_f32_bytes(flat32[m:]))
+        return dst
+
+    return composed
 
 
 def _nonfinite_message(bad: torch.Tensor, m: int, d: int) -> str:
@@ -407,6 +443,29 @@ def decode_sum(
     then ``acc * scale``. Body corruption is not checked here (that would
     synchronize on the whole payload): an out-of-range code decodes to NaN.
     """
+    return prepare_decode_sum(
+        payloads, levels, config, n, table_version=table_version, out=out, scale=scale, check_headers=check_headers
+    )()
+
+
+def prepare_decode_sum(
+    payloads: torch.Tensor,
+    levels: object,
+    config: QuantizerConfig,
+    n: int,
+    *,
+    table_version: int | None = None,
+    out: torch.Tensor | None = None,
+    scale: float = 1.0,
+    check_headers: bool | torch.Tensor = True,
+) -> Callable[[], torch.Tensor]:
+    """:func:`decode_sum` checked and resolved once, for a receiver that decodes into the same buffers
+    again and again (the DDP hook, once per bucket and step).
+
+    ``payloads`` is read at each call (headers checked then, as ``check_headers`` says): keep it alive
+    and in place, and ``out`` (allocated here when None) too. The returned function takes no
+    arguments and returns the sum.
+    """
     config = check_config(config)
     payloads = _check_payload_tensor(payloads, "payloads", "W, payload_size")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -422,14 +481,13 @@ def decode_sum(
     device_check: tuple[torch.Tensor, torch.Tensor] | None = None
     if isinstance(check_headers, torch.Tensor):
         device_check = (_expected_header(config, table, n, table_version, device), _check_flag(check_headers, device))
-    elif check_headers:
-        _check_headers(payloads, config, table, n, table_version)
-    if not isinstance(check_headers, bool) or not check_headers:
+    host_check = not isinstance(check_headers, torch.Tensor) and bool(check_headers)
+    if not host_check:
         _check_length(length, config, n)
     if out is not None:
-        out = _check_out(out, n, device, torch.float32, "the sum")
+        dst = _check_out(out, n, device, torch.float32, "the sum")
     else:
-        out = torch.empty(n, dtype=torch.float32, device=device)
+        dst = torch.empty(n, dtype=torch.float32, device=device)
     scale32 = float(np.float32(scale))
     m = config.num_quantized(n)
     nb = config.num_buckets(n) if config.quantized else 0
@@ -440,25 +498,43 @@ def decode_sum(
 
         if _kernels.decode_supported(config):
             assert table is not None
-            _kernels.decode_sum(payloads, table, config, m, off_codes, out, scale32, device_check)
-            if n > m:
-                tails = _bytes_f32(payloads[:, off_tail:])
-                tsum = tails[0].clone()
-                for w in range(1, w_count):
-                    tsum = tsum + tails[w]
-                out[m:].copy_(tsum * scale32 if scale32 != 1.0 else tsum)
-                if device_check is not None:
-                    _poison_if_bad(payloads, device_check, out[m:])
-            return out
-    acc: torch.Tensor | None = None
-    for w in range(w_count):
-        part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
-        acc = part if acc is None else acc + part
-    assert acc is not None
-    out.copy_(acc * scale32 if scale32 != 1.0 else acc)
-    if device_check is not None:
-        _poison_if_bad(payloads, device_check, out)
-    return out
+            rows = payloads if payloads.stride(1) == 1 else payloads.contiguous()
+            launch = _kernels.prepare_decode_sum(rows, table, config, m, off_codes, dst, scale32, device_check)
+            copy_rows = rows is not payloads
+            dst_tail = dst[m:]
+
+            def fused() -> torch.Tensor:
+                if host_check:
+                    _check_headers(payloads, config, table, n, table_version)
+                if copy_rows:
+                    rows.copy_(payloads)
+                launch()
+                if n > m:
+                    tails = _bytes_f32(payloads[:, off_tail:])
+                    tsum = tails[0].clone()
+                    for w in range(1, w_count):
+                        tsum = tsum + tails[w]
+                    dst_tail.copy_(tsum * scale32 if scale32 != 1.0 else tsum)
+                    if device_check is not None:
+                        _poison_if_bad(payloads, device_check, dst_tail)
+                return dst
+
+            return fused
+
+    def composed() -> torch.Tensor:
+        if host_check:
+            _check_headers(payloads, config, table, n, table_version)
+        acc: torch.Tensor | None = None
+        for w in range(w_count):
+            part = _dequantize_payload(payloads[w], config, table, n, m, nb, off_codes, off_tail)
+            acc = part if acc is None else acc + part
+        assert acc is not None
+        dst.copy_(acc * scale32 if scale32 != 1.0 else acc)
+        if device_check is not None:
+            _poison_if_bad(payloads, device_check, dst)
+        return dst
+
+    return composed
 
 
 def _check_length(length: int, config: QuantizerConfig, n: int) -> None:
