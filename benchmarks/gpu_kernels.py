@@ -35,6 +35,7 @@ the script and every variant's bytes, not the speed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -279,20 +280,18 @@ def main() -> None:
 
             # (looping programs?, num_warps, register cap, looping programs per SM), for both bucket sizes
             # (the worst of earlier rounds dropped: loop with 2-3 programs per SM, 90-175 us at 16384)
+            # each with the level bracket found by a scan and by binary search (qpack_bsearch)
             variants: dict[str, dict[str, Any]] = {}
-            for loop, w, r, per_sm in (
-                (False, 8, 72, 1),
-                (False, 16, 64, 1),
-                (True, 16, 128, 1),
-                (True, 16, 96, 1),
-                (True, 32, 64, 1),
+            for (loop, w, r, per_sm), bsearch in itertools.product(
+                ((False, 8, 72, 1), (False, 16, 64, 1), (True, 16, 128, 1), (True, 16, 96, 1), (True, 32, 64, 1)),
+                (False, True),
             ):
-                var: dict[str, Any] = {"qpack_loop_per_sm": per_sm}
+                var: dict[str, Any] = {"qpack_loop_per_sm": per_sm, "qpack_bsearch": bsearch}
                 for size_key in ("8k", "16k"):
                     var.update(
                         {f"qpack_loop_{size_key}": loop, f"qpack_warps_{size_key}": w, f"qpack_maxnreg_{size_key}": r}
                     )
-                variants[f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm}"] = var
+                variants[f"loop={loop},warps={w},maxnreg={r},per_sm={per_sm},bsearch={bsearch}"] = var
             # timed: the kernel alone (the API adds host work that can exceed the kernel's own time)
             sweep, best = sweep_tuning(
                 variants,

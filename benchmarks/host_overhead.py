@@ -155,41 +155,42 @@ def main() -> None:
         args.calls,
         device,
     )
-    k = args.buckets
-    grads = [grad.clone() for _ in range(k)]
+    if world > 1:  # one rank: the hook passes gradients through (nothing to measure)
+        k = args.buckets
+        grads = [grad.clone() for _ in range(k)]
 
-    def rounds(state: Any) -> Callable[[], None]:
-        def one() -> None:  # a round of k buckets, as DDP calls the hook in a step
-            futs = [alq_torch.alq_hook(state, FakeBucket(g, i, i == k - 1)) for i, g in enumerate(grads)]
-            for f in futs:
-                f.wait()
+        def rounds(state: Any) -> Callable[[], None]:
+            def one() -> None:  # a round of k buckets, as DDP calls the hook in a step
+                futs = [alq_torch.alq_hook(state, FakeBucket(g, i, i == k - 1)) for i, g in enumerate(grads)]
+                for f in futs:
+                    f.wait()
 
-        return one
+            return one
 
-    state = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
-    _kernels.TUNING["direct_launch"] = False
-    res[f"alq_hook, per bucket (rounds of {k}, timing=False, Triton dispatch)"] = (
-        host_us(rounds(state), args.calls, device) / k
-    )
-    _kernels.TUNING["direct_launch"] = True
-    res[f"alq_hook, per bucket (rounds of {k}, timing=False as ddp_resnet50)"] = (
-        host_us(rounds(state), args.calls, device) / k
-    )
-    from alq_torch import _hook
+        state = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
+        _kernels.TUNING["direct_launch"] = False
+        res[f"alq_hook, per bucket (rounds of {k}, timing=False, Triton dispatch)"] = (
+            host_us(rounds(state), args.calls, device) / k
+        )
+        _kernels.TUNING["direct_launch"] = True
+        res[f"alq_hook, per bucket (rounds of {k}, timing=False as ddp_resnet50)"] = (
+            host_us(rounds(state), args.calls, device) / k
+        )
+        from alq_torch import _hook
 
-    real_ops = _hook.prepare_quantize_encode, _hook.prepare_decode_sum
-    _hook.prepare_quantize_encode = lambda x, *a, out, **kw: lambda seed: out  # type: ignore[assignment]
-    _hook.prepare_decode_sum = lambda p, lv, c, n, *, out=None, **kw: lambda: out if out is not None else p  # type: ignore[assignment]
-    stubbed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
-    res[f"alq_hook, per bucket (rounds of {k}, timing=False, ops stubbed out)"] = (
-        host_us(rounds(stubbed), args.calls, device) / k
-    )
-    _hook.prepare_quantize_encode, _hook.prepare_decode_sum = real_ops
-    timed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
-    res[f"alq_hook, per bucket (rounds of {k}, timing=True: the default)"] = (
-        host_us(rounds(timed), args.calls, device) / k
-    )
-    if args.cprofile:  # where the hook's host time goes (rank 0's table; every rank runs the calls)
+        real_ops = _hook.prepare_quantize_encode, _hook.prepare_decode_sum
+        _hook.prepare_quantize_encode = lambda x, *a, out, **kw: lambda seed: out  # type: ignore[assignment]
+        _hook.prepare_decode_sum = lambda p, lv, c, n, *, out=None, **kw: lambda: out if out is not None else p  # type: ignore[assignment]
+        stubbed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
+        res[f"alq_hook, per bucket (rounds of {k}, timing=False, ops stubbed out)"] = (
+            host_us(rounds(stubbed), args.calls, device) / k
+        )
+        _hook.prepare_quantize_encode, _hook.prepare_decode_sum = real_ops
+        timed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
+        res[f"alq_hook, per bucket (rounds of {k}, timing=True: the default)"] = (
+            host_us(rounds(timed), args.calls, device) / k
+        )
+    if args.cprofile and world > 1:  # where the hook's host time goes (rank 0's table; every rank runs the calls)
         import cProfile
         import io
         import pstats

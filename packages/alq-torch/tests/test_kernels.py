@@ -512,6 +512,28 @@ def test_prepared_launches_follow_their_buffers_and_seeds(kernels: dict[str, int
 
 
 @needs_cuda
+@pytest.mark.parametrize("bsearch", [False, True])
+@pytest.mark.parametrize("method", ["qsgdinf", "alq"])
+def test_level_scan_and_binary_search_give_the_core_bytes(
+    monkeypatch: pytest.MonkeyPatch, bsearch: bool, method: str
+) -> None:
+    """Both ways of finding the level bracket (TUNING["qpack_bsearch"], 8 levels) give the core's codes,
+    on values exactly at every level, between them, at +-1 and 0 (linf norm: v = x exactly)."""
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "qpack_bsearch", bsearch)
+    config = QuantizerConfig(method, bits=3, bucket_size=512, norm="linf", nonfinite="propagate")
+    levels = np.array([-1.0, -0.61, -0.3, -0.07, 0.02, 0.33, 0.8, 1.0], dtype=np.float32)
+    grid = np.concatenate([levels, (levels[1:] + levels[:-1]) / 2, np.nextafter(levels, 0), [0.0, -0.0]])
+    x = np.resize(grid.astype(np.float32), 512 * 6)
+    x[::512] = 1.0  # every bucket's scale is exactly 1
+    _check(torch.from_numpy(x), config, levels)
+    seeded = quantize_encode(torch.from_numpy(x).to(DEVICE), levels, config, seed=3)
+    monkeypatch.setitem(_kernels.TUNING, "qpack_bsearch", not bsearch)
+    assert torch.equal(seeded, quantize_encode(torch.from_numpy(x).to(DEVICE), levels, config, seed=3))
+
+
+@needs_cuda
 def test_direct_launch_runs_the_dispatched_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a signature's first launch the compiled kernel is launched directly: bytes still the core's,
     one cache entry per signature (device noise, an unaligned output and another size are new ones)."""
@@ -566,7 +588,7 @@ sig = {"x_ptr": "*fp32", "u_ptr": "*fp32", "lv_ptr": "*fp32", "pair_ptr": "*i64"
 for loop, noise in ((False, True), (True, False)):
     rows, g, warps, _, _ = _kernels._qpack_params(8192)
     consts = {"D": 8192, "G": g, "ROWS": rows, "BITS": 3, "L": 8, "LINF": False, "CLIP": True, "NOISE": noise,
-              "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS, "LOOP": loop}
+              "LIB": True, "ROUNDS": _kernels.PHILOX_ROUNDS, "LOOP": loop, "BSEARCH": loop}
     try:
         k = build(_kernels._qpack_kernel, sig, consts, warps)
     except (FileNotFoundError, PermissionError) as exc:  # no usable ptxas here; any other error fails the test
