@@ -300,6 +300,7 @@ class ALQState:
         self._flags: torch.Tensor | None = None  # int32 (_MAX_FLAGS,) on the GPU: header mismatches this round
         self._flags_used = False
         self._lock = threading.Lock()
+        self._world, self._rank = 1, 0  # the group's, read at the start of every round
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
         self._plans: dict[int, _GatherPlan] = {}  # by DDP bucket index
@@ -414,8 +415,9 @@ class ALQState:
             for r in list(self._records)[-4:]:
                 r._resolve(block=False)
             self._stats = []
+            self._world, self._rank = self.world_size, self.rank  # fixed for the group; read once per round
             cfg = self.config
-            self._update_due = bool(cfg.quantized and self.world_size > 1 and self.quantizer.due(self.step))
+            self._update_due = bool(cfg.quantized and self._world > 1 and self.quantizer.due(self.step))
             self._current = StepRecord(self.step) if self.keep_telemetry else None
         return self._current
 
@@ -441,7 +443,7 @@ class ALQState:
         t0 = time.perf_counter()
         before = self.table_version
         group = self.process_group
-        world = self.world_size
+        world = self._world
         if self._stats:
             local = torch.cat(self._stats, dim=1).contiguous()  # (4, K) float64
         else:
@@ -453,7 +455,7 @@ class ALQState:
         rows = gathered.reshape(world, 4, k).permute(1, 0, 2).reshape(4, world * k).cpu().numpy()
         reason = ""
         payload: list[Any] = [None, "", 0]
-        if self.rank == 0:
+        if self._rank == 0:
             norms, means, stds, sizes = rows
             ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)
             try:
@@ -475,7 +477,7 @@ class ALQState:
         if world > 1:
             src = dist.get_global_rank(group, 0) if group is not None else 0
             dist.broadcast_object_list(payload, src=src, group=group, device=device)
-            if self.rank != 0:
+            if self._rank != 0:
                 self.quantizer.load_state_dict(payload[0])
         reason, used = str(payload[1]), int(payload[2])
         after = self.table_version
@@ -553,7 +555,7 @@ class ALQState:
 
     # ------------------------------------------------------------ collectives
     def _mode(self, buf: torch.Tensor) -> tuple[str, str | None]:
-        world = self.world_size
+        world = self._world
         if world == 1:
             return "local", "world_size_1"
         if not self.config.quantized:
@@ -575,7 +577,7 @@ class ALQState:
         step_rec = self._begin_bucket()
         flat = buf.view(-1)
         mode, reason = self._mode(flat)
-        world = self.world_size
+        world = self._world
         itemsize = flat.element_size()
         exact_bytes = (2 * (world - 1) * flat.numel() * itemsize) // world
         rec = BucketRecord(
@@ -622,7 +624,7 @@ class ALQState:
 
     def _allreduce(self, buf: torch.Tensor, rec: BucketRecord) -> torch.futures.Future[torch.Tensor]:
         span = self._timed(rec, "communicate", buf.device)
-        buf.div_(self.world_size)
+        buf.div_(self._world)
         work = dist.all_reduce(buf, group=self.process_group, async_op=True)
 
         def done(f: torch.futures.Future[Any]) -> torch.Tensor:
@@ -671,7 +673,7 @@ class ALQState:
     def _allgather(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        world, rank, step = self.world_size, self.rank, self.step
+        world, rank, step = self._world, self._rank, self.step
         device = flat.device
         plan = self._gather_plan(flat, index, world)
         if device.type == "cuda":
@@ -706,7 +708,7 @@ class ALQState:
     def _reduce_scatter(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        cfg, world, rank, step = self.config, self.world_size, self.rank, self.step
+        cfg, world, rank, step = self.config, self._world, self._rank, self.step
         device = flat.device
         levels, version = self._table()
         n, d = flat.numel(), cfg.bucket_size
