@@ -54,26 +54,38 @@ def hook_rounds(
     rounds: int = 3,
     dtype: torch.dtype = torch.float32,
     group: Any = None,
+    persistent: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
-    """Call the hook directly on two buckets per round; return inputs' levels and the outputs."""
+    """Call the hook directly on two buckets per round; return inputs' levels and the outputs.
+
+    ``persistent``: every round refills the same two buffers (as DDP's bucket buffers), else new
+    tensors each round. ``plans_kept``: per round after the first, whether each bucket's prepared
+    exchange is the previous round's.
+    """
     rank = dist.get_rank(group)
     cfg = QuantizerConfig(method, bits=3, bucket_size=BUCKET)
     state = ALQState(cfg, process_group=group, collective=collective, exact_below=0, **schedule_kwargs(), **kw)
-    out: dict[str, Any] = {"levels": [], "versions": [], "results": []}
+    out: dict[str, Any] = {"levels": [], "versions": [], "results": [], "plans_kept": []}
+    kept: list[list[Any]] = []
+    bufs = [torch.zeros(n, device=device, dtype=dtype) for n in SIZES]
     for step in range(rounds):
         out["levels"].append(None if state.levels is None else state.levels.copy())
         out["versions"].append(state.table_version)
         res = []
         for i, n in enumerate(SIZES):
-            buf = torch.from_numpy(local_grad(step, i, rank, n)).to(device=device, dtype=dtype)
+            grad = torch.from_numpy(local_grad(step, i, rank, n)).to(device=device, dtype=dtype)
+            buf = bufs[i].copy_(grad) if persistent else grad
             fut = alq_hook(state, FakeBucket(buf, i, i == len(SIZES) - 1))  # type: ignore[arg-type]
             got = fut.wait()
             if isinstance(got, list):
                 got = got[0]
             assert got.data_ptr() == buf.data_ptr(), "the hook must return bucket.buffer()"
-            res.append(got.cpu())
+            res.append(got.cpu().clone())  # (a CPU buffer is refilled next round)
         out["results"].append(res)
+        kept.append([state._plans.get(i) for i in range(len(SIZES))])  # (held: ids of freed plans recur)
+        if step:
+            out["plans_kept"].append([a is b for a, b in zip(kept[-1], kept[-2])])
     tel = state.telemetry
     out["modes"] = [[b.mode for b in r.buckets] for r in tel]
     out["ratios"] = [r.compression_ratio for r in tel]
@@ -91,7 +103,10 @@ def sc_methods(device: torch.device) -> dict[str, Any]:
     res: dict[str, Any] = {"fp32": hook_rounds("fp32", "allgather", device=device, rounds=1)}
     for method in QUANTIZED:
         for coll in ("allgather", "reduce_scatter"):
-            res[f"{method}/{coll}"] = hook_rounds(method, coll, device=device, measure_variance=True)
+            # all-gather on persistent buffers (as DDP's): the hook reuses its prepared exchanges
+            res[f"{method}/{coll}"] = hook_rounds(
+                method, coll, device=device, measure_variance=True, persistent=coll == "allgather"
+            )
     return res
 
 
@@ -111,6 +126,18 @@ def sc_world1(device: torch.device) -> dict[str, Any]:
     if dist.get_rank() != 0:
         return {}
     return {"alq": hook_rounds("alq", "allgather", device=device, rounds=2, group=group)}
+
+
+def sc_plans(device: torch.device) -> dict[str, Any]:
+    """A round of two buckets, then rounds of one (as when DDP rebuilds fewer buckets)."""
+    rank = dist.get_rank()
+    state = ALQState(QuantizerConfig("qsgdinf", bits=3, bucket_size=BUCKET), exact_below=0)
+    bufs = [torch.from_numpy(local_grad(0, i, rank, n)).to(device) for i, n in enumerate(SIZES)]
+    for i, buf in enumerate(bufs):
+        alq_hook(state, FakeBucket(buf, i, i == len(bufs) - 1)).wait()  # type: ignore[arg-type]
+    before = sorted(state._plans)
+    alq_hook(state, FakeBucket(bufs[0], 0, True)).wait()  # type: ignore[arg-type]
+    return {"before": before, "after": sorted(state._plans)}
 
 
 def sc_nonfinite(device: torch.device) -> dict[str, Any]:
@@ -316,6 +343,7 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
     "ddp": sc_ddp,
     "amp": sc_amp,
     "compiled": sc_compiled,
+    "plans": sc_plans,
 }
 
 

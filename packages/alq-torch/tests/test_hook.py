@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with Gloo"
 )
 
-ALL = ["methods", "half", "warmup", "world1", "nonfinite", "mismatch", "ddp", "amp", "compiled"]
+ALL = ["methods", "half", "warmup", "world1", "nonfinite", "mismatch", "ddp", "amp", "compiled", "plans"]
 
 
 def _ok(per_rank: list[Any]) -> list[Any]:
@@ -160,6 +160,10 @@ def test_allgather_rounds_equal_the_ops_bit_for_bit(
     res = _ok((w2 if world == 2 else w3)["methods"])
     for method in hw.QUANTIZED:
         check_allgather_bits([res[r][f"{method}/allgather"] for r in range(world)], method, world)
+        # persistent buffers: a bucket's prepared exchange is kept while its level table is, rebuilt on a new one
+        kept, versions = res[0][f"{method}/allgather"]["plans_kept"], res[0][f"{method}/allgather"]["versions"]
+        for step in range(1, len(versions)):
+            assert kept[step - 1] == [versions[step] == versions[step - 1]] * len(hw.SIZES), (method, step)
     assert any(v != 0 for v in res[0]["alq/allgather"]["versions"]), "the level table never changed"
 
 
@@ -198,6 +202,11 @@ def test_telemetry_bytes_and_measured_variance(w2: dict[str, list[Any]]) -> None
     assert 9.0 < r["ratios"][0] < 10.3
     assert all(v is not None and v > 0 for v in r["variance"])
     assert res[0]["fp32"]["ratios"] == [1.0]
+
+
+def test_prepared_exchanges_of_buckets_ddp_no_longer_has_are_freed(w2: dict[str, list[Any]]) -> None:
+    for res in _ok(w2["plans"]):
+        assert res == {"before": [0, 1], "after": [0]}
 
 
 def test_half_precision_buckets_keep_their_dtype(w2: dict[str, list[Any]]) -> None:

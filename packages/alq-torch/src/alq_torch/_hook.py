@@ -612,6 +612,8 @@ class ALQState:
                 fut = self._reduce_scatter(buf, flat, index, rec)
         finally:
             if is_last:
+                for stale in [k for k in self._plans if k > index]:  # DDP rebuilt fewer buckets: free their buffers
+                    del self._plans[stale]
                 self._end_round(flat.device)
         return fut
 
