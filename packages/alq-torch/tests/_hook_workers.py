@@ -103,10 +103,8 @@ def sc_methods(device: torch.device) -> dict[str, Any]:
     res: dict[str, Any] = {"fp32": hook_rounds("fp32", "allgather", device=device, rounds=1)}
     for method in QUANTIZED:
         for coll in ("allgather", "reduce_scatter"):
-            # all-gather on persistent buffers (as DDP's): the hook reuses its prepared exchanges
-            res[f"{method}/{coll}"] = hook_rounds(
-                method, coll, device=device, measure_variance=True, persistent=coll == "allgather"
-            )
+            # persistent buffers (as DDP's): the hook reuses its prepared exchanges
+            res[f"{method}/{coll}"] = hook_rounds(method, coll, device=device, measure_variance=True, persistent=True)
     return res
 
 

@@ -115,29 +115,48 @@ def check_method(per_rank: list[dict[str, Any]], key: str, world: int, dtype: to
     return log
 
 
-def check_allgather_bits(
-    per_rank: list[dict[str, Any]], method: str, world: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+def check_bits(
+    per_rank: list[dict[str, Any]], key: str, world: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> None:
-    """The all-gather rounds equal the public ops bit for bit: every rank's ``quantize_encode`` with the
-    hook's seed, level table and version, then ``decode_sum`` of the W payloads scaled by ``1/W`` (the
-    hook keeps one prepared exchange per bucket: a stale table, seed or buffer shows here)."""
+    """Every round equals the public ops bit for bit. All-gather: every rank's ``quantize_encode`` with
+    the hook's seed, level table and version, then ``decode_sum`` of the W payloads scaled by ``1/W``.
+    Reduce-scatter: per chunk, the W ranks' payloads averaged by ``decode_sum``, requantized with the
+    owner's phase-2 seed and decoded. (The hook keeps one prepared exchange per bucket: a stale table,
+    seed, buffer or chunk shows here.)"""
     from alq_torch import decode_sum, quantize_encode
     from alq_torch._hook import _derive_seed
 
+    method, coll = key.split("/")
     cfg = QuantizerConfig(method, bits=3, bucket_size=hw.BUCKET, nonfinite="propagate")
     r0 = per_rank[0]
     for step, outs in enumerate(r0["results"]):
         levels, version = r0["levels"][step], r0["versions"][step]
+
+        def encode(x: torch.Tensor, seed: int) -> torch.Tensor:
+            return quantize_encode(x, levels, cfg, table_version=version, seed=seed)  # noqa: B023
+
+        def average(payloads: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+            return decode_sum(payloads, levels, cfg, n, table_version=version, scale=scale)  # noqa: B023
+
         for i, got in enumerate(outs):
             xs = [torch.from_numpy(x).to(device=device, dtype=dtype) for x in inputs(step, i, world, dtype)]
-            payloads = torch.stack(
-                [
-                    quantize_encode(x, levels, cfg, table_version=version, seed=_derive_seed(0, step, i, r, 1, 0))
-                    for r, x in enumerate(xs)
-                ]
-            )
-            want = decode_sum(payloads, levels, cfg, xs[0].numel(), table_version=version, scale=1.0 / world)
-            assert torch.equal(got, want.to(dtype).cpu()), f"{method}: round {step} bucket {i} differs from the ops"
+            n = xs[0].numel()
+            if coll == "allgather":
+                payloads = torch.stack([encode(x, _derive_seed(0, step, i, r, 1, 0)) for r, x in enumerate(xs)])
+                want = average(payloads, n, 1.0 / world)
+            else:
+                nb = -(-n // hw.BUCKET)
+                edges = [min(n, (k * nb // world) * hw.BUCKET) for k in range(world + 1)]
+                parts = []
+                for k in range(world):
+                    lo, hi = edges[k], edges[k + 1]
+                    payloads = torch.stack(
+                        [encode(x[lo:hi], _derive_seed(0, step, i, r, 1, k)) for r, x in enumerate(xs)]
+                    )
+                    owned = average(payloads, hi - lo, 1.0 / world)
+                    parts.append(average(encode(owned, _derive_seed(0, step, i, k, 2, k))[None], hi - lo, 1.0))
+                want = torch.cat(parts)
+            assert torch.equal(got, want.to(dtype).cpu()), f"{key}: round {step} bucket {i} differs from the ops"
 
 
 # ----------------------------------------------------------------- tests
@@ -154,16 +173,14 @@ def test_every_method_identical_on_all_ranks_and_within_predicted_variance(
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_allgather_rounds_equal_the_ops_bit_for_bit(
-    world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]
-) -> None:
+def test_rounds_equal_the_ops_bit_for_bit(world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]) -> None:
     res = _ok((w2 if world == 2 else w3)["methods"])
-    for method in hw.QUANTIZED:
-        check_allgather_bits([res[r][f"{method}/allgather"] for r in range(world)], method, world)
+    for key in (k for k in res[0] if k != "fp32"):
+        check_bits([res[r][key] for r in range(world)], key, world)
         # persistent buffers: a bucket's prepared exchange is kept while its level table is, rebuilt on a new one
-        kept, versions = res[0][f"{method}/allgather"]["plans_kept"], res[0][f"{method}/allgather"]["versions"]
+        kept, versions = res[0][key]["plans_kept"], res[0][key]["versions"]
         for step in range(1, len(versions)):
-            assert kept[step - 1] == [versions[step] == versions[step - 1]] * len(hw.SIZES), (method, step)
+            assert kept[step - 1] == [versions[step] == versions[step - 1]] * len(hw.SIZES), (key, step)
     assert any(v != 0 for v in res[0]["alq/allgather"]["versions"]), "the level table never changed"
 
 
@@ -213,7 +230,8 @@ def test_half_precision_buckets_keep_their_dtype(w2: dict[str, list[Any]]) -> No
     res = _ok(w2["half"])
     for name, dt, coll in (("float16", torch.float16, "allgather"), ("bfloat16", torch.bfloat16, "reduce_scatter")):
         check_method([res[0][name], res[1][name]], f"alq/{coll}", 2, dt)
-    check_allgather_bits([res[0]["float16"], res[1]["float16"]], "alq", 2, dtype=torch.float16)
+    check_bits([res[0]["float16"], res[1]["float16"]], "alq/allgather", 2, dtype=torch.float16)
+    check_bits([res[0]["bfloat16"], res[1]["bfloat16"]], "alq/reduce_scatter", 2, dtype=torch.bfloat16)
 
 
 def test_warmup_rounds_are_exact(w2: dict[str, list[Any]]) -> None:

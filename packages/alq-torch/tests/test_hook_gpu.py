@@ -13,7 +13,7 @@ import _hook_workers as hw
 import pytest
 import torch
 import torch.distributed as dist
-from test_hook import _ok, check_allgather_bits, check_method
+from test_hook import _ok, check_bits, check_method
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
@@ -30,15 +30,15 @@ def test_nccl_every_method_identical_and_within_predicted_variance(g2: dict[str,
     res = _ok(g2["methods"])
     for key in (k for k in res[0] if k != "fp32"):
         check_method([res[0][key], res[1][key]], key, 2)
-        if key.endswith("/allgather"):
-            check_allgather_bits([res[0][key], res[1][key]], key.split("/")[0], 2, "cuda")
+        check_bits([res[0][key], res[1][key]], key, 2, "cuda")
 
 
 def test_nccl_half_precision(g2: dict[str, list[Any]]) -> None:
     res = _ok(g2["half"])
     for name, dt, coll in (("float16", torch.float16, "allgather"), ("bfloat16", torch.bfloat16, "reduce_scatter")):
         check_method([res[0][name], res[1][name]], f"alq/{coll}", 2, dt)
-    check_allgather_bits([res[0]["float16"], res[1]["float16"]], "alq", 2, "cuda", torch.float16)
+    check_bits([res[0]["float16"], res[1]["float16"]], "alq/allgather", 2, "cuda", torch.float16)
+    check_bits([res[0]["bfloat16"], res[1]["bfloat16"]], "alq/reduce_scatter", 2, "cuda", torch.bfloat16)
 
 
 def test_nccl_nonfinite_propagates(g2: dict[str, list[Any]]) -> None:

@@ -48,7 +48,7 @@ from alq_core import PayloadError, QuantizerConfig, payload_size
 
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span
-from ._wire import decode_sum, prepare_decode_sum, prepare_quantize_encode, quantize_encode
+from ._wire import decode_sum, prepare_decode_sum, prepare_quantize_encode
 
 Collective = Literal["auto", "allgather", "reduce_scatter"]
 _COLLECTIVES = ("auto", "allgather", "reduce_scatter")
@@ -177,6 +177,87 @@ class _GatherPlan:
         )
 
 
+class _ScatterPlan:
+    """One DDP bucket's reduce-scatter style exchange, prepared once (see :class:`_GatherPlan`).
+
+    ``encode[k]`` quantizes chunk ``k`` into ``send``; ``decode_owned`` averages the W received
+    payloads of this rank's chunk into ``owned``; ``encode_owned`` requantizes it into ``send2``; and
+    ``decode[k]`` writes chunk ``k`` of the all-gathered payloads back into the bucket.
+    """
+
+    __slots__ = (
+        "decode",
+        "decode_owned",
+        "encode",
+        "encode_owned",
+        "gathered",
+        "key",
+        "out",
+        "recv",
+        "send",
+        "send2",
+        "sizes",
+        "version",
+    )
+
+    def __init__(
+        self,
+        state: ALQState,
+        flat: torch.Tensor,
+        index: int,
+        world: int,
+        rank: int,
+        levels: np.ndarray,
+        version: int,
+        key: tuple[Any, ...],
+    ) -> None:
+        cfg, n, device = state.config, flat.numel(), flat.device
+        nb = -(-n // cfg.bucket_size)
+        edges = [min(n, (k * nb // world) * cfg.bucket_size) for k in range(world + 1)]
+        counts = [edges[k + 1] - edges[k] for k in range(world)]
+        self.sizes = [payload_size(cfg, c) for c in counts]
+        offsets = [sum(self.sizes[:k]) for k in range(world)]
+        own, pmax = self.sizes[rank], max(self.sizes)
+        check = state._flag(device, index)
+        self.key, self.version = key, version
+        self.send = torch.empty(sum(self.sizes), dtype=torch.uint8, device=device)
+        self.encode = [
+            prepare_quantize_encode(
+                flat[edges[k] : edges[k + 1]],
+                levels,
+                cfg,
+                table_version=version,
+                out=self.send[offsets[k] : offsets[k] + self.sizes[k]],
+            )
+            for k in range(world)
+        ]
+        self.recv = torch.empty(world * own, dtype=torch.uint8, device=device)
+        owned = torch.empty(counts[rank], dtype=torch.float32, device=device)
+        self.decode_owned = prepare_decode_sum(
+            self.recv.view(world, own), levels, cfg, counts[rank], table_version=version, out=owned,
+            scale=1.0 / world, check_headers=check,
+        )  # fmt: skip
+        self.send2 = torch.zeros(pmax, dtype=torch.uint8, device=device)
+        self.encode_owned = prepare_quantize_encode(owned, levels, cfg, table_version=version, out=self.send2[:own])
+        self.gathered = torch.empty(world * pmax, dtype=torch.uint8, device=device)
+        rows = self.gathered.view(world, pmax)
+        self.out = [flat[edges[k] : edges[k + 1]] for k in range(world)]
+        keep32 = flat.dtype == torch.float32  # else decode into float32 and copy
+        self.decode = [
+            prepare_decode_sum(
+                rows[k : k + 1, : self.sizes[k]],
+                levels,
+                cfg,
+                counts[k],
+                table_version=version,
+                out=self.out[k] if keep32 else None,
+                scale=1.0,
+                check_headers=check,
+            )
+            for k in range(world)
+        ]
+
+
 class ALQState:
     """State of :func:`alq_hook`: configuration, level table, step counter, telemetry.
 
@@ -303,7 +384,7 @@ class ALQState:
         self._world, self._rank = 1, 0  # the group's, read at the start of every round
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
-        self._plans: dict[int, _GatherPlan] = {}  # by DDP bucket index
+        self._plans: dict[int, _GatherPlan | _ScatterPlan] = {}  # prepared exchanges by DDP bucket index
 
     # ------------------------------------------------------------------ group
     @property
@@ -638,21 +719,6 @@ class ALQState:
         fut: torch.futures.Future[torch.Tensor] = work.get_future().then(done)
         return fut
 
-    def _decode(
-        self,
-        payloads: torch.Tensor,
-        levels: np.ndarray,
-        version: int,
-        n: int,
-        scale: float,
-        out: torch.Tensor | None,
-        index: int,
-    ) -> torch.Tensor:
-        check = self._flag(payloads.device, index)
-        return decode_sum(
-            payloads, levels, self.config, n, table_version=version, out=out, scale=scale, check_headers=check
-        )
-
     def _local_variance(
         self, payload: torch.Tensor, x: torch.Tensor, levels: np.ndarray, version: int, rec: BucketRecord
     ) -> None:
@@ -667,7 +733,7 @@ class ALQState:
         levels, version = self._table()
         key = (flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, world)
         plan = self._plans.get(index)
-        if plan is None or plan.key != key:
+        if not isinstance(plan, _GatherPlan) or plan.key != key:
             plan = _GatherPlan(self, flat, index, world, levels, version, key)
             self._plans[index] = plan
         return plan
@@ -707,48 +773,45 @@ class ALQState:
         fut: torch.futures.Future[torch.Tensor] = work.get_future().then(finish)
         return fut
 
+    def _scatter_plan(self, flat: torch.Tensor, index: int, world: int, rank: int) -> _ScatterPlan:
+        """Bucket ``index``'s kept :class:`_ScatterPlan` (rebuilt as :meth:`_gather_plan` says)."""
+        levels, version = self._table()
+        key = ("reduce_scatter", flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, world, rank)
+        plan = self._plans.get(index)
+        if not isinstance(plan, _ScatterPlan) or plan.key != key:
+            plan = _ScatterPlan(self, flat, index, world, rank, levels, version, key)
+            self._plans[index] = plan
+        return plan
+
     def _reduce_scatter(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        cfg, world, rank, step = self.config, self._world, self._rank, self.step
+        world, rank, step = self._world, self._rank, self.step
         device = flat.device
-        levels, version = self._table()
-        n, d = flat.numel(), cfg.bucket_size
-        nb = -(-n // d)
-        edges = [min(n, (k * nb // world) * d) for k in range(world + 1)]
-        counts = [edges[k + 1] - edges[k] for k in range(world)]
-        sizes = [payload_size(cfg, c) for c in counts]
-        offsets = [sum(sizes[:k]) for k in range(world)]
-        mine, own = counts[rank], sizes[rank]
-        pmax = max(sizes)
-        rec.table_version = version
-        rec.bytes_sent = (sum(sizes) - own) + (world - 1) * pmax
-        measure = self._measure_now()
+        plan = self._scatter_plan(flat, index, world, rank)
+        if device.type == "cuda":
+            self._flags_used = True  # the plan's decodes check headers into this round's flags
+        sizes = plan.sizes
+        rec.table_version = plan.version
+        rec.bytes_sent = (sum(sizes) - sizes[rank]) + (world - 1) * plan.send2.numel()
 
         span_q = self._timed(rec, "quantize", device)
-        send = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
         for k in range(world):
-            quantize_encode(
-                flat[edges[k] : edges[k + 1]],
-                levels,
-                cfg,
-                table_version=version,
-                seed=_derive_seed(self.seed, step, index, rank, 1, k),
-                out=send[offsets[k] : offsets[k] + sizes[k]],
-            )
+            plan.encode[k](_derive_seed(self.seed, step, index, rank, 1, k))
         if span_q is not None:
             span_q.stop()
-        if measure:
+        if self._measure_now():
+            levels, version = self._table()
+            offset = 0
             for k in range(world):
-                self._local_variance(
-                    send[offsets[k] : offsets[k] + sizes[k]], flat[edges[k] : edges[k + 1]], levels, version, rec
-                )
-        recv = torch.empty(world * own, dtype=torch.uint8, device=device)
+                part = plan.send[offset : offset + sizes[k]]
+                self._local_variance(part, plan.out[k], levels, version, rec)
+                offset += sizes[k]
         span_c1 = self._timed(rec, "communicate", device)
         work = dist.all_to_all_single(
-            recv,
-            send,
-            output_split_sizes=[own] * world,
+            plan.recv,
+            plan.send,
+            output_split_sizes=[sizes[rank]] * world,
             input_split_sizes=sizes,
             group=self.process_group,
             async_op=True,
@@ -758,41 +821,24 @@ class ALQState:
             f.value()  # re-raises a failed collective
             if span_c1 is not None:
                 span_c1.stop()
-            if device.type == "cuda":
-                recv.record_stream(torch.cuda.current_stream(device))
-                send.record_stream(torch.cuda.current_stream(device))
             span_d1 = self._timed(rec, "decode", device)
-            owned = self._decode(recv.view(world, own), levels, version, mine, 1.0 / world, None, index)
+            plan.decode_owned()
             if span_d1 is not None:
                 span_d1.stop()
             span_q2 = self._timed(rec, "quantize", device)
-            send2 = torch.zeros(pmax, dtype=torch.uint8, device=device)
-            quantize_encode(
-                owned,
-                levels,
-                cfg,
-                table_version=version,
-                seed=_derive_seed(self.seed, step, index, rank, 2, rank),
-                out=send2[:own],
-            )
+            plan.encode_owned(_derive_seed(self.seed, step, index, rank, 2, rank))
             if span_q2 is not None:
                 span_q2.stop()
-            gathered = torch.empty(world * pmax, dtype=torch.uint8, device=device)
             span_c2 = self._timed(rec, "communicate", device)
-            work2 = _all_gather_flat(gathered, send2, self.process_group, async_op=True)
+            work2 = _all_gather_flat(plan.gathered, plan.send2, self.process_group, async_op=True)
 
             def finish(f2: torch.futures.Future[Any]) -> torch.Tensor:
                 f2.value()  # re-raises a failed collective
                 if span_c2 is not None:
                     span_c2.stop()
-                if device.type == "cuda":
-                    gathered.record_stream(torch.cuda.current_stream(device))
                 span_d2 = self._timed(rec, "decode", device)
-                rows = gathered.view(world, pmax)
-                for k in range(world):
-                    part = flat[edges[k] : edges[k + 1]]
-                    out32 = part if part.dtype == torch.float32 else None
-                    res = self._decode(rows[k : k + 1, : sizes[k]], levels, version, counts[k], 1.0, out32, index)
+                for decode, part in zip(plan.decode, plan.out):
+                    res = decode()
                     if res is not part:
                         part.copy_(res)
                 if span_d2 is not None:
