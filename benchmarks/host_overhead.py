@@ -149,6 +149,23 @@ def main() -> None:
             ev.query()
 
         res["pinned copy + event (the hook's per-round flag read-back)"] = host_us(round_check, args.calls, device)
+
+        def plain_span() -> None:  # two timing events recorded as torch.cuda.Event.record() does
+            for _ in range(2):
+                torch.cuda.Event(enable_timing=True).record()  # type: ignore[no-untyped-call]
+
+        res["timing span: 2 events, Event.record() (current_stream() in Python)"] = host_us(
+            plain_span, args.calls, device
+        )
+
+        from alq_torch._telemetry import _Span
+
+        def hook_span() -> None:
+            span = _Span(device)
+            span.start()
+            span.stop()
+
+        res["timing span: 2 events, the hook's _Span (cached Stream objects)"] = host_us(hook_span, args.calls, device)
     grad = x.clone()
     res["fp16_compress_hook"] = host_us(
         lambda: default_hooks.fp16_compress_hook(None, FakeBucket(grad)),

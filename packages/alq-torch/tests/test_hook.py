@@ -356,6 +356,25 @@ def test_ddp_amp_overflow_is_skipped_like_without_hook(w2: dict[str, list[Any]])
 
 
 # ----------------------------------------------------------------- no process group needed
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timing_spans_record_on_the_current_stream() -> None:
+    from alq_torch._telemetry import _Span, current_stream
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert current_stream(dev) == torch.cuda.current_stream(dev)
+    assert current_stream(torch.device("cuda")) == torch.cuda.current_stream()
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    with torch.cuda.stream(side):
+        assert current_stream(dev) == side
+        span = _Span(dev)
+        span.start()
+        torch.cuda._sleep(10**7)  # type: ignore[no-untyped-call]
+        span.stop()
+    assert current_stream(dev) == torch.cuda.current_stream(dev) != side
+    seconds = span.seconds(block=True)
+    assert seconds is not None and seconds > 1e-4  # the events bracket the sleep on the side stream
+
+
 def test_state_validates_its_arguments() -> None:
     cfg = QuantizerConfig("alq", bits=3, bucket_size=256)
     with pytest.raises(TypeError, match=r"must be an alq_core\.QuantizerConfig"):

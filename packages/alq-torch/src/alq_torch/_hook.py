@@ -47,7 +47,7 @@ import torch.distributed as dist
 from alq_core import PayloadError, QuantizerConfig, payload_size
 
 from ._stats import bucket_stats
-from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span
+from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span, current_stream
 from ._wire import decode_sum, prepare_decode_sum, prepare_quantize_encode
 
 Collective = Literal["auto", "allgather", "reduce_scatter"]
@@ -121,7 +121,7 @@ class _PendingCheck:
             self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             self._flags.copy_(flags, non_blocking=True)
             self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._event.record()
+            self._event.record(current_stream(flags.device))
         else:  # host flags (tests): nothing to wait for
             self._flags = flags.clone()
         self.step = step

@@ -63,13 +63,31 @@ class LevelUpdateRecord:
     levels: tuple[float, ...]
 
 
+#: torch Stream objects by (stream id, device index, device type): building one in Python costs more
+#: host time than the event record it serves (and the hook records up to six per bucket).
+_STREAMS: dict[tuple[int, int, int], torch.cuda.Stream] = {}
+
+
+def current_stream(device: torch.device) -> torch.cuda.Stream:
+    """``torch.cuda.current_stream(device)`` from a cache of Stream objects (``device``: a CUDA device)."""
+    key = torch._C._cuda_getCurrentStream(torch.cuda.current_device() if device.index is None else device.index)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if len(_STREAMS) >= 1024:
+            _STREAMS.clear()
+        stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])  # type: ignore[no-untyped-call]
+        _STREAMS[key] = stream
+    return stream
+
+
 class _Span:
     """Start/stop marks on the host clock or on a CUDA stream."""
 
-    __slots__ = ("_cuda", "_start", "_stop")
+    __slots__ = ("_cuda", "_device", "_start", "_stop")
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
+        self._device = device
         self._start: object = None
         self._stop: object = None
 
@@ -82,7 +100,7 @@ class _Span:
     def _mark(self) -> object:
         if self._cuda:
             ev = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            ev.record()
+            ev.record(current_stream(self._device))
             return ev
         return time.perf_counter()
 
