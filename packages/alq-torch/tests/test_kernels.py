@@ -481,6 +481,20 @@ def test_launch_key_covers_triton_specialization() -> None:
     assert k(0.5, True) == k(0.25, True)
 
 
+def test_decode_sum_reads_payloads_of_any_column_stride(kernels: dict[str, int]) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=256)
+    levels = default_levels(config)
+    n = 3000
+    payloads = torch.stack([quantize_encode(_x(n, seed=k).to(DEVICE), levels, config, seed=k) for k in range(3)])
+    wide = torch.zeros(*payloads.shape, 2, dtype=torch.uint8, device=DEVICE)
+    wide[:, :, 0] = payloads
+    view = wide[:, :, 0]
+    assert view.stride(1) == 2
+    want = decode_sum(payloads, levels, config, n, scale=1 / 3)
+    assert torch.equal(decode_sum(view, levels, config, n, scale=1 / 3), want)
+    assert kernels["decode_sum"] == 2
+
+
 def test_prepared_launches_follow_their_buffers_and_seeds(kernels: dict[str, int]) -> None:
     """The hook's prepared encode and decode, called again and again on buffers whose contents change,
     equal fresh public-op calls; seeds of both int widths (the kernel's seed argument is compiled as

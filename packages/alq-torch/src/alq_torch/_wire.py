@@ -498,9 +498,9 @@ def prepare_decode_sum(
 
         if _kernels.decode_supported(config):
             assert table is not None
-            rows = payloads if payloads.stride(1) == 1 else payloads.contiguous()
+            copy_rows = payloads.stride(1) != 1  # the kernel reads rows of unit stride: copy them at each call
+            rows = torch.empty(payloads.shape, dtype=torch.uint8, device=device) if copy_rows else payloads
             launch = _kernels.prepare_decode_sum(rows, table, config, m, off_codes, dst, scale32, device_check)
-            copy_rows = rows is not payloads
             dst_tail = dst[m:]
 
             def fused() -> torch.Tensor:
