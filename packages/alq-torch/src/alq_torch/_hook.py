@@ -867,6 +867,13 @@ def alq_hook(state: ALQState, bucket: Any) -> torch.futures.Future[torch.Tensor]
     torch.futures.Future of Tensor
         Completes with ``bucket.buffer()`` holding the averaged gradient.
 
+    Notes
+    -----
+    Per bucket index the state keeps the payload and receive buffers and prepared kernel launches
+    (rebuilt when the bucket's buffer, size, dtype or level table changes; dropped when DDP has fewer
+    buckets). Their reuse is ordered by waiting on the returned future before the same bucket is
+    communicated again, as DDP does; a caller driving the hook by hand must do the same.
+
     Examples
     --------
     >>> state = ALQState(QuantizerConfig("alq", bits=3, bucket_size=8192))  # doctest: +SKIP
