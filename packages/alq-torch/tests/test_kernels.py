@@ -481,6 +481,52 @@ def test_launch_key_covers_triton_specialization() -> None:
     assert k(0.5, True) == k(0.25, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tail", ["quantize", "full"])
+def test_decode_sum_into_half_precision_rounds_the_float32_sum(
+    kernels: dict[str, int], dtype: torch.dtype, tail: str
+) -> None:
+    config = QuantizerConfig("alq", bits=3, bucket_size=256, tail=tail)
+    levels = default_levels(config)
+    n = 3000
+    payloads = torch.stack([quantize_encode(_x(n, seed=k).to(DEVICE), levels, config, seed=k) for k in range(3)])
+    want = decode_sum(payloads, levels, config, n, scale=1 / 3).to(dtype)
+    out = torch.empty(n, dtype=dtype, device=DEVICE)
+    got = decode_sum(payloads, levels, config, n, scale=1 / 3, out=out)
+    assert got is out and torch.equal(got, want)
+    assert kernels["decode_sum"] == 2
+    with pytest.raises(ValueError, match=r"float32 or torch\.float16 or torch\.bfloat16"):
+        decode_sum(payloads, levels, config, n, out=torch.empty(n, dtype=torch.float64, device=DEVICE))
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from alq_torch._kernels import _round_to
+
+    @triton.jit
+    def _round_kernel(x_ptr, out_ptr, N: tl.constexpr):  # type: ignore[no-untyped-def]
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, _round_to(tl.load(x_ptr + i), out_ptr.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_store_rounds_like_torch(kernels: dict[str, int], dtype: torch.dtype) -> None:
+    """Ties to even, carries into the exponent, overflow to infinity, subnormals, signed zeros, NaN."""
+    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00008000, 0x00018000,
+            0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x3C008000]  # fmt: skip
+    raw = torch.tensor(bits, dtype=torch.int64).to(torch.int32)
+    rng = torch.randn(112, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 112)
+    x = torch.cat([raw.view(torch.float32), rng.float()])
+    out = torch.empty(128, dtype=dtype, device=DEVICE)
+    _round_kernel[(1,)](x.to(DEVICE), out, N=128)
+    want = x.to(dtype)
+    got = out.cpu()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_decode_sum_reads_payloads_of_any_column_stride(kernels: dict[str, int]) -> None:
     config = QuantizerConfig("alq", bits=3, bucket_size=256)
     levels = default_levels(config)

@@ -171,7 +171,7 @@ class _GatherPlan:
             cfg,
             n,
             table_version=version,
-            out=flat if flat.dtype == torch.float32 else None,
+            out=flat,  # half-precision buckets: the float32 average rounded at the store
             scale=1.0 / world,
             check_headers=state._flag(device, index),
         )
@@ -242,7 +242,6 @@ class _ScatterPlan:
         self.gathered = torch.empty(world * pmax, dtype=torch.uint8, device=device)
         rows = self.gathered.view(world, pmax)
         self.out = [flat[edges[k] : edges[k + 1]] for k in range(world)]
-        keep32 = flat.dtype == torch.float32  # else decode into float32 and copy
         self.decode = [
             prepare_decode_sum(
                 rows[k : k + 1, : self.sizes[k]],
@@ -250,7 +249,7 @@ class _ScatterPlan:
                 cfg,
                 counts[k],
                 table_version=version,
-                out=self.out[k] if keep32 else None,
+                out=self.out[k],
                 scale=1.0,
                 check_headers=check,
             )
@@ -763,9 +762,7 @@ class ALQState:
             if span_c is not None:
                 span_c.stop()
             span_d = self._timed(rec, "decode", device)
-            res = plan.decode()
-            if res is not flat:
-                flat.copy_(res)
+            plan.decode()
             if span_d is not None:
                 span_d.stop()
             return buf
@@ -837,10 +834,8 @@ class ALQState:
                 if span_c2 is not None:
                     span_c2.stop()
                 span_d2 = self._timed(rec, "decode", device)
-                for decode, part in zip(plan.decode, plan.out):
-                    res = decode()
-                    if res is not part:
-                        part.copy_(res)
+                for decode in plan.decode:
+                    decode()
                 if span_d2 is not None:
                     span_d2.stop()
                 return buf

@@ -887,6 +887,20 @@ def _headers_differ(p_ptr, stride, head_ptr, n_w, UNROLL: tl.constexpr, HW: tl.c
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to ``dtype`` (float32, float16 or bfloat16) to nearest even, as torch rounds;
+    bfloat16 by integer arithmetic on the bits (Triton's interpreter truncates that conversion)."""
+    if dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)  # NaN stays NaN (the add could carry it into the sign or Inf)
+        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def _decode_sum_kernel(
     p_ptr,
     stride_w,
@@ -960,7 +974,7 @@ def _decode_sum_kernel(
         acc = acc * scale
     if CHECK:
         acc = tl.where(bad, float("nan"), acc)
-    tl.store(out_ptr + e, acc, mask=em)
+    tl.store(out_ptr + e, _round_to(acc, out_ptr.dtype.element_ty), mask=em)
 
 
 #: W up to this is unrolled at compile time (one compilation per W); larger W loops at run time
@@ -979,7 +993,8 @@ def prepare_decode_sum(
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Launch:
     """The launch that writes ``scale * sum_w s_w * l[c_w]`` of the ``m`` quantized coordinates into
-    ``out[:m]``; call it (no arguments) as often as ``payloads`` change.
+    ``out[:m]`` (float32; float16 / bfloat16: the float32 value rounded to nearest even by the store);
+    call it (no arguments) as often as ``payloads`` change.
 
     ``payloads`` uint8 (W, P), rows of unit stride (they may start at any byte). ``check``: None
     (headers checked by the caller), or ``(head, flag)``: the expected 40-byte

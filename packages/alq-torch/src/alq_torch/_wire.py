@@ -229,13 +229,16 @@ def decode(
     return QuantizedTensor(codes, scales, tail, n, cfg, (n,))
 
 
-def _check_out(out: object, size: int, device: torch.device, dtype: torch.dtype, what: str) -> torch.Tensor:
+def _check_out(
+    out: object, size: int, device: torch.device, dtypes: tuple[torch.dtype, ...], what: str
+) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         msg = f"`out` must be a tensor; got {type(out).__name__}"
         raise TypeError(msg)
-    if out.dtype != dtype or out.ndim != 1 or out.numel() != size or not out.is_contiguous():
+    if out.dtype not in dtypes or out.ndim != 1 or out.numel() != size or not out.is_contiguous():
+        kinds = " or ".join(str(d) for d in dtypes)
         msg = (
-            f"`out` must be a contiguous 1-D {dtype} tensor of {size} elements ({what}); "
+            f"`out` must be a contiguous 1-D {kinds} tensor of {size} elements ({what}); "
             f"got {out.dtype} with shape {tuple(out.shape)}"
         )
         raise ValueError(msg)
@@ -325,7 +328,7 @@ def prepare_quantize_encode(
     device = src.device
     size = payload_size(config, n)
     if out is not None:
-        dst = _check_out(out, size, device, torch.uint8, "the payload")
+        dst = _check_out(out, size, device, (torch.uint8,), "the payload")
     else:
         dst = torch.empty(size, dtype=torch.uint8, device=device)
     if not config.quantized:
@@ -420,8 +423,9 @@ def decode_sum(
         before anything is summed (mismatch: :class:`alq_core.PayloadError`).
     n : int
         Element count of each payload.
-    out : Tensor of float32, shape (n,), optional
-        Written in place and returned.
+    out : Tensor of float32, float16 or bfloat16, shape (n,), optional
+        Written in place and returned; in half precision, the float32 result
+        rounded to nearest even (as ``.to(out.dtype)`` would).
     scale : float
         Factor applied to the sum in float32 (``1/W`` averages).
     check_headers : bool or Tensor
@@ -435,7 +439,7 @@ def decode_sum(
 
     Returns
     -------
-    Tensor of float32, shape (n,), on the payloads' device
+    Tensor of float32 (or ``out``'s dtype), shape (n,), on the payloads' device
 
     Notes
     -----
@@ -485,7 +489,7 @@ def prepare_decode_sum(
     if not host_check:
         _check_length(length, config, n)
     if out is not None:
-        dst = _check_out(out, n, device, torch.float32, "the sum")
+        dst = _check_out(out, n, device, (torch.float32, torch.float16, torch.bfloat16), "the sum")
     else:
         dst = torch.empty(n, dtype=torch.float32, device=device)
     scale32 = float(np.float32(scale))
