@@ -70,7 +70,10 @@ _STREAMS: dict[tuple[int, int, int], torch.cuda.Stream] = {}
 
 def current_stream(device: torch.device) -> torch.cuda.Stream:
     """``torch.cuda.current_stream(device)`` from a cache of Stream objects (``device``: a CUDA device)."""
-    key = torch._C._cuda_getCurrentStream(torch.cuda.current_device() if device.index is None else device.index)
+    lookup = getattr(torch._C, "_cuda_getCurrentStream", None)
+    if lookup is None:  # a torch without that private call: the public one
+        return torch.cuda.current_stream(device)
+    key = lookup(torch.cuda.current_device() if device.index is None else device.index)
     stream = _STREAMS.get(key)
     if stream is None:
         if len(_STREAMS) >= 1024:
