@@ -16,6 +16,14 @@ directly, ``TUNING["direct_launch"]``), the public ops (``quantize_encode``,
 rounds of ``--buckets`` such buckets (DDP bucket stand-ins with ``buffer()``, ``index()``,
 ``is_last()``), with ``timing=False`` (as ``ddp_resnet50.py`` runs it) and with the default timing
 events. Without GPUs (``--cpu-smoke``: Gloo, CPU tensors, the torch ops) it checks the script.
+
+With one GPU, ``--fake-world 2`` runs a single process on torch's fake process group of that size, so the
+hook takes its multi-rank path; the collectives move nothing, so the all-gather the hook calls is replaced by
+one device copy of this rank's payload into every slot (a kernel launch, where NCCL's call costs about
+28 us of host time on the 2-GPU host): the rows then give the hook's own host time per bucket::
+
+    PYTHONPATH=packages/alq-core/src:packages/alq-torch/src \
+        python3 benchmarks/host_overhead.py --fake-world 2 host_overhead_fake2.json
 """
 
 from __future__ import annotations
@@ -48,6 +56,19 @@ def host_us(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     return statistics.median(times[calls:]) * 1e6
 
 
+def _emulate_all_gather() -> None:
+    """Make the hook's all-gather copy this rank's payload into every slot (fake collectives move nothing)."""
+    from alq_torch import _hook
+
+    real = _hook._all_gather_flat
+
+    def gather(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
+        out.view(-1, inp.numel()).copy_(inp)
+        return real(out, inp, group, async_op)
+
+    _hook._all_gather_flat = gather  # type: ignore[assignment]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="JSON file written by rank 0")
@@ -56,9 +77,19 @@ def main() -> None:
     p.add_argument("--buckets", type=int, default=4, help="buckets per hook round (ResNet-50 at 25 MiB: 4-5)")
     p.add_argument("--cpu-smoke", action="store_true", help="Gloo on CPU, to check the script without GPUs")
     p.add_argument("--cprofile", action="store_true", help="also write cProfile tables of alq_hook (rank 0)")
+    p.add_argument(
+        "--fake-world", type=int, default=0, help="one process on a fake process group of this size (see above)"
+    )
     args = p.parse_args()
     cpu = args.cpu_smoke or not torch.cuda.is_available()
-    dist.init_process_group("gloo" if cpu else "nccl")
+    fake = args.fake_world > 0
+    if fake:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+        _emulate_all_gather()
+    else:
+        dist.init_process_group("gloo" if cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if not cpu:
@@ -80,6 +111,8 @@ def main() -> None:
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     alq_torch.quantize_encode(x, levels, config, seed=1, out=buf)
     _all_gather_flat(gathered, buf, None, False)
+    if fake:
+        gathered.view(world, size).copy_(buf)
     payloads = gathered.view(world, size)
     res: dict[str, float] = {}
     from alq_torch import _kernels
@@ -119,15 +152,18 @@ def main() -> None:
         args.calls,
         device,
     )
-    res["all-gather of the payload (async)"] = host_us(
-        lambda: _all_gather_flat(gathered, buf, None, True), args.calls, device
-    )
-    res["all-gather + then(callback) of the completion future"] = host_us(
-        lambda: _all_gather_flat(gathered, buf, None, True).get_future().then(lambda f: out).wait(), args.calls, device
-    )
-    res["all-gather + work.wait() (stream wait, no future)"] = host_us(
-        lambda: _all_gather_flat(gathered, buf, None, True).wait(), args.calls, device
-    )
+    if not fake:  # a fake collective costs nothing to measure
+        res["all-gather of the payload (async)"] = host_us(
+            lambda: _all_gather_flat(gathered, buf, None, True), args.calls, device
+        )
+        res["all-gather + then(callback) of the completion future"] = host_us(
+            lambda: _all_gather_flat(gathered, buf, None, True).get_future().then(lambda f: out).wait(),
+            args.calls,
+            device,
+        )
+        res["all-gather + work.wait() (stream wait, no future)"] = host_us(
+            lambda: _all_gather_flat(gathered, buf, None, True).wait(), args.calls, device
+        )
     res["dist.get_world_size() + dist.get_rank()"] = host_us(
         lambda: (dist.get_world_size(), dist.get_rank()), args.calls, device
     )
@@ -167,11 +203,10 @@ def main() -> None:
 
         res["timing span: 2 events, the hook's _Span (cached Stream objects)"] = host_us(hook_span, args.calls, device)
     grad = x.clone()
-    res["fp16_compress_hook"] = host_us(
-        lambda: default_hooks.fp16_compress_hook(None, FakeBucket(grad)),
-        args.calls,
-        device,
-    )
+    if not fake:
+        res["fp16_compress_hook"] = host_us(
+            lambda: default_hooks.fp16_compress_hook(None, FakeBucket(grad)), args.calls, device
+        )
     if world > 1:  # one rank: the hook passes gradients through (nothing to measure)
         k = args.buckets
         grads = [grad.clone() for _ in range(k)]
@@ -229,8 +264,11 @@ def main() -> None:
                 fh.write(text.getvalue())
     if rank == 0:
         meta = {
-            "device": "CPU (Gloo smoke run)" if cpu else torch.cuda.get_device_name(device),
+            "device": "CPU (smoke run)" if cpu else torch.cuda.get_device_name(device),
             "world": world,
+            "process group": "fake (collectives move nothing; the hook's all-gather is a device copy)"
+            if fake
+            else dist.get_backend(),
             "numel": n,
             "calls": args.calls,
             "torch": torch.__version__,

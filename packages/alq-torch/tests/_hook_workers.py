@@ -351,10 +351,17 @@ def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: 
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
+    elif backend == "gloo-cuda":  # every rank on GPU 0, through Gloo's CUDA collectives
+        torch.cuda.set_device(0)
+        device = torch.device("cuda", 0)
     else:
         device = torch.device("cpu")
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        backend.removesuffix("-cuda"),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
     try:
         for name in names:
@@ -375,7 +382,11 @@ def free_port() -> int:
 
 
 def run_group(world: int, names: list[str], backend: str = "gloo") -> dict[str, list[Any]]:
-    """Run scenarios on ``world`` spawned ranks; returns ``{name: [result of rank 0, 1, ...]}``."""
+    """Run scenarios on ``world`` spawned ranks; returns ``{name: [result of rank 0, 1, ...]}``.
+
+    ``backend``: ``"gloo"`` (CPU tensors), ``"nccl"`` (rank r on GPU r) or ``"gloo-cuda"`` (Gloo, every rank
+    on GPU 0).
+    """
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(_worker, args=(world, free_port(), outdir, backend, names), nprocs=world, join=True)
         return {
