@@ -1,10 +1,11 @@
 """Standalone GPU benchmark of alq-cupy (self-checking); writes one JSON file.
 
-    PYTHONPATH=packages/alq-core/src:packages/alq-cupy/src python benchmarks/gpu_cupy.py benchmarks/results/gpu_cupy.json
+    PYTHONPATH=packages/alq-core/src:packages/alq-torch/src:packages/alq-cupy/src python benchmarks/gpu_cupy.py benchmarks/results/gpu_cupy.json
 
 Part 1 (one GPU): quantize+pack (fused ``quantize_encode``) of 25.56M float32, 3 bits,
 buckets 8192 and 16384, with device noise and with given noise; the naive CuPy
-pipeline of the reference code's style; the memory floor from a device copy; and
+pipeline of the reference code's style; alq-torch's fused Triton kernel on the same
+array (when alq-torch is on the path); the memory floor from a device copy; and
 ``decode_sum`` of 2 and 4 payloads. Every result is first checked byte for byte
 against ``alq_core`` on a 2M-coordinate slice.
 
@@ -110,6 +111,22 @@ def naive_pipeline(x: Any, levels_dev: Any, d: int) -> Any:
     return words.view(cp.uint8).reshape(-1, 8)[:, :BITS].reshape(-1)
 
 
+def _triton_quantize_us(x: Any, cfg: Any, iters: int) -> float | None:
+    """GPU time of alq-torch's fused Triton quantize+pack (device noise) on ``x``; None without alq-torch."""
+    try:
+        import torch
+        from alq_torch import _kernels, _tables
+    except ImportError:
+        return None
+    import alq_core
+
+    xt = torch.from_dlpack(x)  # the same memory, no copy
+    table = _tables.level_table(alq_core.default_levels(cfg), cfg, xt.device)
+    head = _tables.header_tensor(cfg, N, 0, table.crc, xt.device)
+    buf = torch.empty(alq_core.payload_size(cfg, N), dtype=torch.uint8, device=xt.device)
+    return 1e6 * _median_events(lambda: _kernels.quantize_pack(xt, table, cfg, head, buf, noise=None, seed=5), iters)
+
+
 def _one_bucket(d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iters: int, bw: float) -> dict[str, Any]:
     import alq_core
     import alq_cupy
@@ -166,6 +183,10 @@ def _one_bucket(d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iter
         "threads_per_block": K.threads_for(d),
     }
     res["kernel_vs_floor"] = res["kernel_device_noise_us"] / res["memory_floor_us"]
+    triton_us = _triton_quantize_us(x, cfg, iters)
+    if triton_us is not None:  # the torch backend's fused kernel on the same array, same run
+        res["torch_triton_kernel_us"] = triton_us
+        res["kernel_over_triton"] = res["kernel_device_noise_us"] / triton_us
     res["naive_over_kernel"] = res["naive_cupy_pipeline_us"] / res["kernel_device_noise_us"]
     for w in (2, 4):
         pays = cp.stack([buf] * w)

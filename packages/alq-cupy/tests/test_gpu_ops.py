@@ -46,6 +46,27 @@ def test_quantize_with_device_noise_matches_core_on_host_noise(data: st.DataObje
     assert_quantized_equal(alq_cupy.quantize(x, levels, config, seed=seed), expected)
 
 
+@pytest.mark.parametrize("method", ["alq", "qsgdinf", "nuqsgd"])
+@pytest.mark.parametrize("d", [8, 8192, 16384, 1000])
+def test_eight_level_three_bit_kernel_encodes_like_core(method: str, d: int) -> None:
+    """The 8-level 3-bit kernel (levels in registers): full buckets held in shared memory, a short last
+    bucket, zeros and a bucket maximum of either sign, given and device noise; payload bytes as the core's."""
+    config = alq_core.QuantizerConfig(method, bits=3, bucket_size=d)
+    levels = alq_core.default_levels(config)
+    assert levels.size == 8
+    rng = np.random.default_rng(d)
+    n = 3 * d + 77
+    x = (rng.standard_normal(n) * rng.lognormal(-4, 1.0, n)).astype(np.float32)
+    x[: 3 * 8 : 3] = np.float32(0.0)
+    x[5] = -x[6]  # a bucket maximum, either sign
+    m = config.num_quantized(n)
+    for u in (rng.random(m, dtype=np.float32), None):
+        noise = u if u is not None else alq_cupy.counter_noise_host(m, 99)
+        expected = alq_core.encode(alq_core.quantize(x, levels, config, noise=noise), levels)
+        got = alq_cupy.quantize_encode(cp.asarray(x), levels, config, noise=u, seed=None if u is not None else 99)
+        assert_payloads_equal(got, expected)
+
+
 @given(st.integers(0, 100_000), st.integers(0, 2**64 - 1), st.integers(0, 2**40))
 def test_device_noise_equals_host_noise(m: int, seed: int, start: int) -> None:
     assert np.array_equal(alq_cupy.counter_noise(m, seed, start).get(), alq_cupy.counter_noise_host(m, seed, start))

@@ -56,11 +56,16 @@ __device__ __forceinline__ u64 alq_mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
-/* Uniforms of coordinates 2*pair and 2*pair + 1 of the stream with key `key` (see _noise.py). */
-__device__ __forceinline__ void alq_uniform_pair(u64 key, u64 pair, float* u0, float* u1) {
-    const u64 h = alq_mix64(key + (pair + 1ULL) * ALQ_GOLDEN);
+/* The two uniforms of counter value z = key + (pair + 1) * GOLDEN (mod 2^64): coordinates 2*pair, 2*pair + 1. */
+__device__ __forceinline__ void alq_uniform_z(u64 z, float* u0, float* u1) {
+    const u64 h = alq_mix64(z);
     *u0 = (float)(unsigned int)(h >> 40) * 5.9604644775390625e-08f;  /* exact: 24-bit integer times 2^-24 */
     *u1 = (float)(unsigned int)((h >> 16) & 0xFFFFFFULL) * 5.9604644775390625e-08f;
+}
+
+/* Uniforms of coordinates 2*pair and 2*pair + 1 of the stream with key `key` (see _noise.py). */
+__device__ __forceinline__ void alq_uniform_pair(u64 key, u64 pair, float* u0, float* u1) {
+    alq_uniform_z(key + (pair + 1ULL) * ALQ_GOLDEN, u0, u1);
 }
 
 /* Uniform float32 in [0, 1) for coordinate k. */
@@ -136,51 +141,76 @@ __device__ float alq_scale(const float* src, int len, int linf, int clip_on, flo
         float v = src[i];
         if (clip_on) v = fminf(fmaxf(v, -t), t);
         const double dv = (double)v;
-        ss += dv * dv;
+        ss = fma(dv, dv, ss);   /* dv * dv is exact in double: the same sum as a multiply then an add */
     }
     return (float)sqrt(alq_block_sum(ss, red));
 }
 
-/* Code of one coordinate: v = x * r (r = 1/s per bucket, 0 where not finite), clamped, j by binary
- * search, p = (v - l_j) * inv_gap_j, stochastic rounding (alq_core's contract; no fused multiply-add). */
-__device__ __forceinline__ unsigned int alq_code(float xv, float r, const float* lv, const float* ig, int L, float u) {
+/* Code of one coordinate: v = x * r (r = 1/s per bucket, 0 where not finite), clamped, j = the number of
+ * interior levels <= v, p = (v - l_j) * inv_gap_j, stochastic rounding (alq_core's contract; no fused
+ * multiply-add). lg[k] = (level k, 1 / (level k+1 - level k)) in shared memory.
+ * LC == 0: L levels known at run time, j by binary search over lg. LC > 0: L == LC, the levels held in
+ * registers (lr), j by LC - 2 independent comparisons (the same count: the levels increase), one gather. */
+template <int LC>
+__device__ __forceinline__ unsigned int alq_code(float xv, float r, const float2* lg, const float* lr, int L, float u) {
     float v = xv * r;
-    v = fminf(fmaxf(v, lv[0]), lv[L - 1]);
-    int lo = 0, hi = L - 2;             /* j = #{interior levels lv[1..L-2] <= v} */
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (lv[1 + mid] <= v) lo = mid + 1; else hi = mid;
+    int j = 0;
+    if (LC > 0) {
+        v = fminf(fmaxf(v, lr[0]), lr[LC - 1]);
+#pragma unroll
+        for (int k = 1; k < LC - 1; ++k) j += (lr[k] <= v) ? 1 : 0;
+    } else {
+        v = fminf(fmaxf(v, lg[0].x), lg[L - 1].x);
+        int hi = L - 2;
+        while (j < hi) {
+            const int mid = (j + hi) >> 1;
+            if (lg[1 + mid].x <= v) j = mid + 1; else hi = mid;
+        }
     }
-    const float p = (v - lv[lo]) * ig[lo];
-    return (unsigned int)lo + ((u < p) ? 1u : 0u);
+    const float2 q = lg[j];
+    const float p = (v - q.x) * q.y;
+    return (unsigned int)j + ((u < p) ? 1u : 0u);
 }
+
+/* The packed word of a group of 8 codes: 32 bits when they fit. */
+template <bool NARROW> struct alq_word { typedef u64 type; };
+template <> struct alq_word<true> { typedef unsigned int type; };
 
 /*
  * One block per bucket of x[0..m). Writes the scale (NaN for a non-finite bucket) to scales[b]
  * (if non-null) and as little-endian bytes to scale_bytes + 4b (if non-null); codes either
  * unpacked to codes[0..m) (if non-null) or packed LSB-first to packed (requires d % 8 == 0).
  * noise: m uniforms, or null to generate them from `key`. Block 0 copies the 40-byte header.
+ * LC, BC: the number of levels and bits when fixed at compile time (0: read L and bits).
  */
-extern "C" __global__ void alq_quantize(
-    const float* __restrict__ x, const i64 m, const i64 d,
-    const float* __restrict__ levels, const int L, const int linf, const double clip, const int bits,
-    const float* __restrict__ noise, const u64 key, const int use_smem, const int vec_ok,
-    float* __restrict__ scales, u8* __restrict__ scale_bytes,
-    u8* __restrict__ codes, u8* __restrict__ packed,
-    const u8* __restrict__ header_src, u8* __restrict__ header_dst)
+#define ALQ_QUANTIZE_PARAMS \
+    const float* __restrict__ x, const i64 m, const i64 d, \
+    const float* __restrict__ levels, const int L, const int linf, const double clip, const int bits, \
+    const float* __restrict__ noise, const u64 key, const int use_smem, const int vec_ok, \
+    float* __restrict__ scales, u8* __restrict__ scale_bytes, \
+    u8* __restrict__ codes, u8* __restrict__ packed, \
+    const u8* __restrict__ header_src, u8* __restrict__ header_dst
+#define ALQ_QUANTIZE_ARGS \
+    x, m, d, levels, L, linf, clip, bits, noise, key, use_smem, vec_ok, scales, scale_bytes, codes, packed, \
+    header_src, header_dst
+
+template <int LC, int BC>
+__device__ __forceinline__ void alq_quantize_body(ALQ_QUANTIZE_PARAMS)
 {
+    typedef typename alq_word<(BC > 0 && BC <= 4)>::type word_t;
     extern __shared__ float4 alq_dyn[];
     float* sx = reinterpret_cast<float*>(alq_dyn);
-    __shared__ float lv[256];
-    __shared__ float ig[256];
+    __shared__ float2 lg[256];
     __shared__ double red[33];
     __shared__ float redf[33];
     const int tid = threadIdx.x, nt = blockDim.x;
+    const int nb = (BC > 0) ? BC : bits;
     const i64 base = (i64)blockIdx.x * d;
     const int len = (int)((m - base) < d ? (m - base) : d);
     for (int i = tid; i < 256; i += nt) {
-        lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
-        ig[i] = (i + 1 < L) ? 1.0f / (levels[i + 1] - levels[i]) : 0.0f;   /* correctly rounded (prec-div) */
+        const float lo = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+        const float ig = (i + 1 < L) ? 1.0f / (levels[i + 1] - levels[i]) : 0.0f;   /* correctly rounded (prec-div) */
+        lg[i] = make_float2(lo, ig);
     }
     if (header_dst != 0 && blockIdx.x == 0) {
         for (int i = tid; i < 40; i += nt) header_dst[i] = header_src[i];
@@ -218,7 +248,7 @@ extern "C" __global__ void alq_quantize(
         t = (float)(clip * sd);
         s = alq_scale(src, len, linf, 1, t, red, redf);
     }
-    __syncthreads();   /* lv[], ig[] visible to every thread (also when no reduction ran after loading them) */
+    __syncthreads();   /* lg[] visible to every thread (also when no reduction ran after loading it) */
     float r = 1.0f / s;                    /* one correctly rounded division per bucket */
     if (!isfinite(r)) r = 0.0f;            /* s == 0, or 1/s overflows: v = 0 */
     if (tid == 0) {
@@ -226,16 +256,20 @@ extern "C" __global__ void alq_quantize(
         if (scales != 0) scales[blockIdx.x] = so;
         if (scale_bytes != 0) alq_store_f32(scale_bytes + 4 * (i64)blockIdx.x, so);
     }
+    float lr[LC > 0 ? LC : 1];             /* the levels, in registers when LC > 0 */
+#pragma unroll
+    for (int k = 0; k < LC; ++k) lr[k] = lg[k].x;
 
     if (packed != 0) {
         const int ngroups = (len + 7) >> 3;
-        u8* pb = packed + (base >> 3) * (i64)bits;
+        u8* pb = packed + (base >> 3) * (i64)nb;
         for (int g = tid; g < ngroups; g += nt) {
-            u64 word = 0ULL;
+            word_t word = 0;
             if (!bad) {
                 float xs[8];
                 const int i0 = 8 * g;
-                if (use_smem && i0 + 8 <= len) {
+                const bool full = i0 + 8 <= len;
+                if (use_smem && full) {
                     const float4 a = alq_dyn[2 * g], c = alq_dyn[2 * g + 1];
                     xs[0] = a.x; xs[1] = a.y; xs[2] = a.z; xs[3] = a.w;
                     xs[4] = c.x; xs[5] = c.y; xs[6] = c.z; xs[7] = c.w;
@@ -247,20 +281,27 @@ extern "C" __global__ void alq_quantize(
                 if (noise != 0) {
 #pragma unroll
                     for (int e = 0; e < 8; ++e) us[e] = (i0 + e < len) ? noise[base + i0 + e] : 0.0f;
-                } else {   /* base + i0 is a multiple of 8: coordinates pair up as (even, odd) */
+                } else {   /* base + i0 is a multiple of 8: coordinates pair up as (even, odd), counters step by GOLDEN */
+                    u64 z = key + ((u64)((base + i0) >> 1) + 1ULL) * ALQ_GOLDEN;
 #pragma unroll
-                    for (int e = 0; e < 8; e += 2) alq_uniform_pair(key, (u64)((base + i0 + e) >> 1), &us[e], &us[e + 1]);
+                    for (int e = 0; e < 8; e += 2) {
+                        alq_uniform_z(z, &us[e], &us[e + 1]);
+                        z += ALQ_GOLDEN;
+                    }
                 }
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    if (i0 + e < len) {
+                    if (full || i0 + e < len) {
                         float xv = xs[e];
                         if (clip_on) xv = fminf(fmaxf(xv, -t), t);
-                        word |= (u64)alq_code(xv, r, lv, ig, L, us[e]) << (bits * e);
+                        word |= (word_t)alq_code<LC>(xv, r, lg, lr, L, us[e]) << (nb * e);
                     }
                 }
             }
-            for (int k = 0; k < bits; ++k) pb[(i64)g * bits + k] = (u8)((word >> (8 * k)) & 0xFFULL);
+#pragma unroll
+            for (int k = 0; k < ((BC > 0) ? BC : 8); ++k) {
+                if (BC > 0 || k < nb) pb[(i64)g * nb + k] = (u8)((word >> (8 * k)) & 0xFFu);
+            }
         }
     } else {
         for (int i = tid; i < len; i += nt) {
@@ -269,11 +310,21 @@ extern "C" __global__ void alq_quantize(
                 float xv = src[i];
                 if (clip_on) xv = fminf(fmaxf(xv, -t), t);
                 const float u = (noise != 0) ? noise[base + i] : alq_uniform(key, (u64)(base + i));
-                c = alq_code(xv, r, lv, ig, L, u);
+                c = alq_code<LC>(xv, r, lg, lr, L, u);
             }
             codes[base + i] = (u8)c;
         }
     }
+}
+
+/* Any number of levels and bits. */
+extern "C" __global__ void __launch_bounds__(512) alq_quantize(ALQ_QUANTIZE_PARAMS) {
+    alq_quantize_body<0, 0>(ALQ_QUANTIZE_ARGS);
+}
+
+/* 8 levels and 3 bits (a 3-bit level set using every code): levels in registers, 32-bit words. */
+extern "C" __global__ void __launch_bounds__(512) alq_quantize_l8b3(ALQ_QUANTIZE_PARAMS) {
+    alq_quantize_body<8, 3>(ALQ_QUANTIZE_ARGS);
 }
 
 /* Scales only (alq_core.bucket_scales): one block per bucket of x[0..n), no clipping. */
@@ -351,52 +402,79 @@ extern "C" __global__ void alq_dequantize(const u8* __restrict__ codes, const fl
  * m quantized coordinates and sum_w tail_w[i - m] for the rest, accumulated in float32 in payload
  * order starting from 0, then multiplied by `scale` when apply_scale. err |= 1 for a negative scale,
  * |= 2 for a code >= L. One thread per group of 8 coordinates (or per tail coordinate).
+ * dshift: log2(d) when d is a power of two, else -1. vec_out: out is 16-byte aligned.
  */
-extern "C" __global__ void alq_decode_sum(
+extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(
     const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d,
     const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail,
     const float* __restrict__ levels, const float scale, const int apply_scale,
-    float* __restrict__ out, int* __restrict__ err)
+    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out)
 {
     __shared__ float lv[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
     __syncthreads();
     const i64 groups = (m + 7) >> 3;
     const i64 total = groups + (n - m);
-    const u64 mask = (1ULL << bits) - 1ULL;
+    const unsigned int mask = (1u << bits) - 1u;
+    const bool check_codes = L < (1 << bits);   /* otherwise every code is a level */
+    const bool one_bucket = (d & 7) == 0;       /* the 8 coordinates of a group share a bucket */
     int flag = 0;
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
         if (t < groups) {
             const i64 i0 = 8 * t;
-            i64 bidx[8];
-            i64 b = i0 / d, r = i0 - b * d;
-            for (int e = 0; e < 8; ++e) {
-                bidx[e] = b;
-                if (++r == d) { r = 0; ++b; }
-            }
+            const bool full = i0 + 8 <= m;
             float acc[8];
+#pragma unroll
             for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+            i64 b0, r0;                          /* bucket of coordinate i0 and its place in it */
+            if (dshift >= 0) {
+                b0 = i0 >> dshift;
+                r0 = i0 & (d - 1);
+            } else if (i0 < 0x7fffffffLL && d < 0x7fffffffLL) {
+                b0 = (i64)((unsigned int)i0 / (unsigned int)d);
+                r0 = i0 - b0 * d;
+            } else {
+                b0 = i0 / d;
+                r0 = i0 - b0 * d;
+            }
             for (int w = 0; w < W; ++w) {
                 const u8* p = pay + (i64)w * stride;
+                const u8* pc = p + off_codes + t * bits;
                 u64 word = 0ULL;
-                for (int k = 0; k < bits; ++k) word |= (u64)p[off_codes + t * bits + k] << (8 * k);
-                i64 last = -1;
-                float s = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    if (k < bits) word |= (u64)pc[k] << (8 * k);
+                }
+                float s = alq_load_f32(p + off_scales + 4 * b0);
+                if (s < 0.0f) flag |= 1;
+                i64 b = b0, r = r0;
+#pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    if (i0 + e < m) {
-                        if (bidx[e] != last) {
-                            last = bidx[e];
-                            s = alq_load_f32(p + off_scales + 4 * last);
+                    if (full || i0 + e < m) {
+                        if (!one_bucket && e > 0 && ++r == d) {   /* the group crosses into the next bucket */
+                            r = 0;
+                            s = alq_load_f32(p + off_scales + 4 * (++b));
                             if (s < 0.0f) flag |= 1;
                         }
-                        const unsigned int c = (unsigned int)((word >> (bits * e)) & mask);
-                        if (c >= (unsigned int)L) flag |= 2;
+                        const unsigned int c = (unsigned int)(word >> (bits * e)) & mask;
+                        if (check_codes && c >= (unsigned int)L) flag |= 2;
                         acc[e] = acc[e] + s * lv[c];
                     }
                 }
             }
-            for (int e = 0; e < 8; ++e) {
-                if (i0 + e < m) out[i0 + e] = apply_scale ? acc[e] * scale : acc[e];
+            if (apply_scale) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = acc[e] * scale;
+            }
+            if (full && vec_out) {
+                float4* o = reinterpret_cast<float4*>(out + i0);
+                o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    if (i0 + e < m) out[i0 + e] = acc[e];
+                }
             }
         } else {
             const i64 j = t - groups;
@@ -421,6 +499,7 @@ OPTIONS = ("--std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", 
 
 NAMES = (
     "alq_quantize",
+    "alq_quantize_l8b3",
     "alq_bucket_scales",
     "alq_bucket_stats",
     "alq_pack",
@@ -593,7 +672,8 @@ def launch_quantize(
     header_src: Any = None,
     header_dst: Any = None,
 ) -> None:
-    """Launch ``alq_quantize`` over the ``ceil(m / d)`` buckets of ``x[:m]`` (float32, contiguous)."""
+    """Launch ``alq_quantize`` (``alq_quantize_l8b3`` for 8 levels at 3 bits) over the ``ceil(m / d)`` buckets
+    of ``x[:m]`` (float32, contiguous)."""
     nb = -(-m // d)
     if nb == 0:
         if header_dst is not None:
@@ -603,10 +683,11 @@ def launch_quantize(
         msg = "internal error: the fused pack path needs bucket_size % 8 == 0"
         raise AssertionError(msg)
     cp = require_cupy()
-    k = kernel("alq_quantize")
+    name = "alq_quantize_l8b3" if (num_levels, bits) == (8, 3) else "alq_quantize"
+    k = kernel(name)
     smem = smem_bytes_for(d)
     if smem > 48 * 1024:
-        key = (int(cp.cuda.runtime.getDevice()), "alq_quantize")
+        key = (int(cp.cuda.runtime.getDevice()), name)
         if _smem_set.get(key, 0) < smem:
             drv = cp.cuda.driver
             drv.funcSetAttribute(k.ptr, drv.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
@@ -721,6 +802,8 @@ def launch_decode_sum(
             np.int32(0 if scale is None else 1),
             ptr(out),
             ptr(err),
+            np.int32(d.bit_length() - 1 if d & (d - 1) == 0 else -1),
+            np.int32(1 if int(out.data.ptr) % 16 == 0 else 0),
         ),
     )
 
