@@ -125,23 +125,45 @@ __device__ float alq_block_max(float v, float* red) {
     return red[32];
 }
 
-/* Scale of src[0..len) clipped to [-t, t] when clip_on (every thread gets it). */
-__device__ float alq_scale(const float* src, int len, int linf, int clip_on, float t, double* red, float* redf) {
+/* Scale of src[0..len) clipped to [-t, t] when clip_on (every thread gets it). src4: the same values as
+ * float4 when non-null (a 16-byte aligned bucket in shared memory), read 4 at a time. */
+__device__ __forceinline__ float alq_scale(const float* src, const float4* src4, int len, int linf, int clip_on,
+                                           float t, double* red, float* redf) {
+    const int len4 = (src4 != 0) ? (len >> 2) : 0;
     if (linf) {
         float mx = 0.0f;
-        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+        for (int i = threadIdx.x; i < len4; i += blockDim.x) {
+            const float4 q = src4[i];
+            float v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (clip_on) v[k] = fminf(fmaxf(v[k], -t), t);
+                mx = alq_nanmax(fabsf(v[k]), mx);
+            }
+        }
+        for (int i = 4 * len4 + threadIdx.x; i < len; i += blockDim.x) {
             float v = src[i];
             if (clip_on) v = fminf(fmaxf(v, -t), t);
             mx = alq_nanmax(fabsf(v), mx);
         }
         return alq_block_max(mx, redf);
     }
-    double ss = 0.0;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    double ss = 0.0;   /* every square is exact in double: fma(dv, dv, ss) is the multiply then the add */
+    for (int i = threadIdx.x; i < len4; i += blockDim.x) {
+        const float4 q = src4[i];
+        float v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (clip_on) v[k] = fminf(fmaxf(v[k], -t), t);
+            const double dv = (double)v[k];
+            ss = fma(dv, dv, ss);
+        }
+    }
+    for (int i = 4 * len4 + threadIdx.x; i < len; i += blockDim.x) {
         float v = src[i];
         if (clip_on) v = fminf(fmaxf(v, -t), t);
         const double dv = (double)v;
-        ss = fma(dv, dv, ss);   /* dv * dv is exact in double: the same sum as a multiply then an add */
+        ss = fma(dv, dv, ss);
     }
     return (float)sqrt(alq_block_sum(ss, red));
 }
@@ -149,16 +171,20 @@ __device__ float alq_scale(const float* src, int len, int linf, int clip_on, flo
 /* Code of one coordinate: v = x * r (r = 1/s per bucket, 0 where not finite), clamped, j = the number of
  * interior levels <= v, p = (v - l_j) * inv_gap_j, stochastic rounding (alq_core's contract; no fused
  * multiply-add). lg[k] = (level k, 1 / (level k+1 - level k)) in shared memory.
- * LC == 0: L levels known at run time, j by binary search over lg. LC > 0: L == LC, the levels held in
- * registers (lr), j by LC - 2 independent comparisons (the same count: the levels increase), one gather. */
+ * LC == 0: L levels known at run time, j by binary search over lg. LC == 8: the levels held in registers
+ * (lr), j by a three-step search of selects over l1..l6 and two never-reached slots (the same j: the
+ * levels increase), then one gather of (l_j, 1 / gap_j). */
 template <int LC>
 __device__ __forceinline__ unsigned int alq_code(float xv, float r, const float2* lg, const float* lr, int L, float u) {
     float v = xv * r;
     int j = 0;
-    if (LC > 0) {
-        v = fminf(fmaxf(v, lr[0]), lr[LC - 1]);
-#pragma unroll
-        for (int k = 1; k < LC - 1; ++k) j += (lr[k] <= v) ? 1 : 0;
+    if (LC == 8) {
+        v = fminf(fmaxf(v, lr[0]), lr[7]);
+        const bool c1 = lr[4] <= v;                                   /* j >= 4 */
+        const bool c2 = (c1 ? lr[6] : lr[2]) <= v;                    /* j >= 6, or j >= 2 */
+        const float hi = c1 ? __int_as_float(0x7f800000) : lr[3];     /* selects, not branches */
+        const float lo = c1 ? lr[5] : lr[1];
+        j = (c1 ? 4 : 0) + (c2 ? 2 : 0) + (((c2 ? hi : lo) <= v) ? 1 : 0);
     } else {
         v = fminf(fmaxf(v, lg[0].x), lg[L - 1].x);
         int hi = L - 2;
@@ -197,6 +223,7 @@ template <> struct alq_word<true> { typedef unsigned int type; };
 template <int LC, int BC>
 __device__ __forceinline__ void alq_quantize_body(ALQ_QUANTIZE_PARAMS)
 {
+    static_assert(LC == 0 || LC == 8, "alq_code handles run-time L or 8 levels");
     typedef typename alq_word<(BC > 0 && BC <= 4)>::type word_t;
     extern __shared__ float4 alq_dyn[];
     float* sx = reinterpret_cast<float*>(alq_dyn);
@@ -230,8 +257,10 @@ __device__ __forceinline__ void alq_quantize_body(ALQ_QUANTIZE_PARAMS)
         __syncthreads();
     }
     const float* src = use_smem ? sx : xb;
+    const float4* src4 = (use_smem && vec_ok) ? alq_dyn : 0;
 
-    float s = alq_scale(src, len, linf, 0, 0.0f, red, redf);
+    float s = use_smem ? alq_scale(sx, src4, len, linf, 0, 0.0f, red, redf)   /* shared loads where it is */
+                       : alq_scale(xb, 0, len, linf, 0, 0.0f, red, redf);
     const int bad = !isfinite(s);          /* uniform across the block */
     const int clip_on = (clip > 0.0) && !bad;
     float t = 0.0f;
@@ -246,7 +275,7 @@ __device__ __forceinline__ void alq_quantize_body(ALQ_QUANTIZE_PARAMS)
         }
         const double sd = sqrt(alq_block_sum(q, red) / (double)len);
         t = (float)(clip * sd);
-        s = alq_scale(src, len, linf, 1, t, red, redf);
+        s = alq_scale(src, src4, len, linf, 1, t, red, redf);
     }
     __syncthreads();   /* lg[] visible to every thread (also when no reduction ran after loading it) */
     float r = 1.0f / s;                    /* one correctly rounded division per bucket */
@@ -289,14 +318,13 @@ __device__ __forceinline__ void alq_quantize_body(ALQ_QUANTIZE_PARAMS)
                         z += ALQ_GOLDEN;
                     }
                 }
+                if (clip_on) {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    if (full || i0 + e < len) {
-                        float xv = xs[e];
-                        if (clip_on) xv = fminf(fmaxf(xv, -t), t);
-                        word |= (word_t)alq_code<LC>(xv, r, lg, lr, L, us[e]) << (nb * e);
-                    }
+                    for (int e = 0; e < 8; ++e) xs[e] = fminf(fmaxf(xs[e], -t), t);
                 }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) word |= (word_t)alq_code<LC>(xs[e], r, lg, lr, L, us[e]) << (nb * e);
+                if (!full) word &= ((word_t)1 << (nb * (len - i0))) - 1;   /* codes past the end are 0 */
             }
 #pragma unroll
             for (int k = 0; k < ((BC > 0) ? BC : 8); ++k) {
@@ -323,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(512) alq_quantize(ALQ_QUANTIZE_PARA
 }
 
 /* 8 levels and 3 bits (a 3-bit level set using every code): levels in registers, 32-bit words. */
-extern "C" __global__ void __launch_bounds__(512) alq_quantize_l8b3(ALQ_QUANTIZE_PARAMS) {
+extern "C" __global__ void __launch_bounds__(512, 4) alq_quantize_l8b3(ALQ_QUANTIZE_PARAMS) {
     alq_quantize_body<8, 3>(ALQ_QUANTIZE_ARGS);
 }
 
@@ -334,7 +362,7 @@ extern "C" __global__ void alq_bucket_scales(const float* __restrict__ x, const 
     __shared__ float redf[33];
     const i64 base = (i64)blockIdx.x * d;
     const int len = (int)((n - base) < d ? (n - base) : d);
-    const float s = alq_scale(x + base, len, linf, 0, 0.0f, red, redf);
+    const float s = alq_scale(x + base, 0, len, linf, 0, 0.0f, red, redf);
     /* NaN as NumPy's float32 NaN (GPU arithmetic yields another NaN bit pattern) */
     if (threadIdx.x == 0) out[blockIdx.x] = (s != s) ? __uint_as_float(ALQ_NAN_BITS) : s;
 }
@@ -403,20 +431,29 @@ extern "C" __global__ void alq_dequantize(const u8* __restrict__ codes, const fl
  * order starting from 0, then multiplied by `scale` when apply_scale. err |= 1 for a negative scale,
  * |= 2 for a code >= L. One thread per group of 8 coordinates (or per tail coordinate).
  * dshift: log2(d) when d is a power of two, else -1. vec_out: out is 16-byte aligned.
+ * BC: the bits when fixed at compile time (0: read bits).
  */
-extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(
-    const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d,
-    const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail,
-    const float* __restrict__ levels, const float scale, const int apply_scale,
-    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out)
+#define ALQ_DECODE_PARAMS \
+    const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d, \
+    const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail, \
+    const float* __restrict__ levels, const float scale, const int apply_scale, \
+    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out
+#define ALQ_DECODE_ARGS \
+    pay, stride, W, n, m, d, bits, L, off_scales, off_codes, off_tail, levels, scale, apply_scale, out, err, \
+    dshift, vec_out
+
+template <int BC>
+__device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
 {
+    typedef typename alq_word<(BC > 0 && BC <= 4)>::type word_t;
     __shared__ float lv[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
     __syncthreads();
+    const int nb = (BC > 0) ? BC : bits;
     const i64 groups = (m + 7) >> 3;
     const i64 total = groups + (n - m);
-    const unsigned int mask = (1u << bits) - 1u;
-    const bool check_codes = L < (1 << bits);   /* otherwise every code is a level */
+    const unsigned int mask = (1u << nb) - 1u;
+    const bool check_codes = L < (1 << nb);    /* otherwise every code is a level */
     const bool one_bucket = (d & 7) == 0;       /* the 8 coordinates of a group share a bucket */
     int flag = 0;
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
@@ -437,27 +474,43 @@ extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(
                 b0 = i0 / d;
                 r0 = i0 - b0 * d;
             }
-            for (int w = 0; w < W; ++w) {
-                const u8* p = pay + (i64)w * stride;
-                const u8* pc = p + off_codes + t * bits;
-                u64 word = 0ULL;
+            if (full && one_bucket) {            /* every group but the last: no per-coordinate checks */
+                for (int w = 0; w < W; ++w) {
+                    const u8* p = pay + (i64)w * stride;
+                    const u8* pc = p + off_codes + t * nb;
+                    word_t word = 0;
 #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    if (k < bits) word |= (u64)pc[k] << (8 * k);
+                    for (int k = 0; k < ((BC > 0) ? BC : 8); ++k) {
+                        if (BC > 0 || k < nb) word |= (word_t)pc[k] << (8 * k);
+                    }
+                    const float s = alq_load_f32(p + off_scales + 4 * b0);
+                    if (s < 0.0f) flag |= 1;
+                    if (check_codes) {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            if (((unsigned int)(word >> (nb * e)) & mask) >= (unsigned int)L) flag |= 2;
+                        }
+                    }
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
                 }
-                float s = alq_load_f32(p + off_scales + 4 * b0);
-                if (s < 0.0f) flag |= 1;
-                i64 b = b0, r = r0;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    if (full || i0 + e < m) {
-                        if (!one_bucket && e > 0 && ++r == d) {   /* the group crosses into the next bucket */
+            } else {
+                for (int w = 0; w < W; ++w) {
+                    const u8* p = pay + (i64)w * stride;
+                    const u8* pc = p + off_codes + t * nb;
+                    u64 word = 0ULL;
+                    for (int k = 0; k < nb; ++k) word |= (u64)pc[k] << (8 * k);
+                    float s = alq_load_f32(p + off_scales + 4 * b0);
+                    if (s < 0.0f) flag |= 1;
+                    i64 b = b0, r = r0;
+                    for (int e = 0; e < 8 && i0 + e < m; ++e) {
+                        if (e > 0 && ++r == d) {     /* the group crosses into the next bucket */
                             r = 0;
                             s = alq_load_f32(p + off_scales + 4 * (++b));
                             if (s < 0.0f) flag |= 1;
                         }
-                        const unsigned int c = (unsigned int)(word >> (bits * e)) & mask;
-                        if (check_codes && c >= (unsigned int)L) flag |= 2;
+                        const unsigned int c = (unsigned int)(word >> (nb * e)) & mask;
+                        if (c >= (unsigned int)L) flag |= 2;
                         acc[e] = acc[e] + s * lv[c];
                     }
                 }
@@ -486,6 +539,16 @@ extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(
     if (flag) atomicOr(err, flag);
 }
 
+/* Any bits. */
+extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(ALQ_DECODE_PARAMS) {
+    alq_decode_sum_body<0>(ALQ_DECODE_ARGS);
+}
+
+/* 3 bits: constant shifts. */
+extern "C" __global__ void __launch_bounds__(256) alq_decode_sum_b3(ALQ_DECODE_PARAMS) {
+    alq_decode_sum_body<3>(ALQ_DECODE_ARGS);
+}
+
 /* Counter-based noise (same values as alq_uniform inside the quantize kernel). */
 extern "C" __global__ void alq_noise(float* __restrict__ out, const i64 m, const u64 key, const i64 start) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += (i64)gridDim.x * blockDim.x) {
@@ -506,6 +569,7 @@ NAMES = (
     "alq_unpack",
     "alq_dequantize",
     "alq_decode_sum",
+    "alq_decode_sum_b3",
     "alq_noise",
 )
 
@@ -783,7 +847,7 @@ def launch_decode_sum(
     total = -(-m // 8) + (n - m)
     if total == 0:
         return
-    kernel("alq_decode_sum")(
+    kernel("alq_decode_sum_b3" if bits == 3 else "alq_decode_sum")(
         *_grid(total),
         (
             ptr(payloads),
