@@ -127,7 +127,9 @@ def _triton_quantize_us(x: Any, cfg: Any, iters: int) -> float | None:
     return 1e6 * _median_events(lambda: _kernels.quantize_pack(xt, table, cfg, head, buf, noise=None, seed=5), iters)
 
 
-def _one_bucket(d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iters: int, bw: float) -> dict[str, Any]:
+def _one_bucket(
+    d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iters: int, bw: float, sweep: bool
+) -> dict[str, Any]:
     import alq_core
     import alq_cupy
     import cupy as cp
@@ -182,6 +184,14 @@ def _one_bucket(d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iter
         "smem_bytes_per_block": K.smem_bytes_for(d),
         "threads_per_block": K.threads_for(d),
     }
+    if sweep:  # the quantize launch shape (threads per bucket), device noise
+        default = K.TUNING["quantize_groups_per_thread"]
+        for gpt in (1, 2, 4, 8):
+            K.TUNING["quantize_groups_per_thread"] = gpt
+            res[f"sweep_groups_per_thread_{gpt}_threads_{K.threads_for(d)}_us"] = 1e6 * _median_events(
+                kernel_only, iters
+            )
+        K.TUNING["quantize_groups_per_thread"] = default
     res["kernel_vs_floor"] = res["kernel_device_noise_us"] / res["memory_floor_us"]
     triton_us = _triton_quantize_us(x, cfg, iters)
     if triton_us is not None:  # the torch backend's fused kernel on the same array, same run
@@ -215,7 +225,7 @@ def _one_bucket(d: int, x: Any, host: np.ndarray, rng: np.random.Generator, iter
     return res
 
 
-def part_single(iters: int) -> dict[str, Any]:
+def part_single(iters: int, sweep: bool = False) -> dict[str, Any]:
     import cupy as cp
 
     rng = np.random.default_rng(0)
@@ -227,7 +237,7 @@ def part_single(iters: int) -> dict[str, Any]:
     bw = 8 * N / t_copy
     out["device_copy_TBps"] = bw / 1e12
     for d in BUCKETS:
-        out[f"bucket_{d}"] = _one_bucket(d, x, host, rng, iters, bw)
+        out[f"bucket_{d}"] = _one_bucket(d, x, host, rng, iters, bw, sweep)
     return out
 
 
@@ -324,9 +334,10 @@ def main() -> int:
     ap.add_argument("out", help="JSON output path")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--skip-nccl", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time the quantize kernel at other launch shapes")
     args = ap.parse_args()
     report: dict[str, Any] = {"env": _env(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    report["single_gpu"] = part_single(args.iters)
+    report["single_gpu"] = part_single(args.iters, args.sweep)
     print(json.dumps(report["single_gpu"], indent=1), flush=True)
     report["two_gpus"] = {"skipped": "--skip-nccl"} if args.skip_nccl else part_multi(max(5, args.iters // 2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

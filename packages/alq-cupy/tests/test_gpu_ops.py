@@ -140,6 +140,24 @@ def test_decode_sum_matches_core_sum(data: st.DataObject, w: int, scale: float) 
     assert np.array_equal(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("w", [1, 2, 4, 7])
+@pytest.mark.parametrize(("d", "n"), [(8192, 3 * 8192 + 77), (1000, 5003), (12, 1001), (3, 100)])
+def test_decode_sum_three_bits_matches_core_sum(w: int, d: int, n: int) -> None:
+    """The 3-bit decode (constant shifts; code pairs from 4 payloads on), whole and part groups, groups that
+    cross buckets (d % 8 != 0), buckets shorter than a group."""
+    config = alq_core.QuantizerConfig("alq", bits=3, bucket_size=d)
+    levels = alq_core.default_levels(config)
+    rng = np.random.default_rng([w, d, n])
+    payloads, total = [], np.zeros(n, dtype=np.float32)
+    for _ in range(w):
+        x = (rng.standard_normal(n) * rng.lognormal(-4, 1.0, n)).astype(np.float32)
+        q = alq_core.quantize(x, levels, config, rng=rng)
+        payloads.append(np.frombuffer(alq_core.encode(q, levels), dtype=np.uint8))
+        total += alq_core.dequantize(q, levels).reshape(-1)
+    got = alq_cupy.decode_sum(cp.asarray(np.stack(payloads)), levels, config, n, scale=1 / w).get()
+    assert np.array_equal(got, total * np.float32(1 / w))
+
+
 def test_decode_sum_rejects_a_foreign_table_version_and_size() -> None:
     config = alq_core.QuantizerConfig("alq", bits=3, bucket_size=64)
     levels = alq_core.default_levels(config)

@@ -447,8 +447,17 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
 {
     typedef typename alq_word<(BC > 0 && BC <= 4)>::type word_t;
     __shared__ float lv[256];
+    __shared__ float2 lv2[(BC == 3) ? 64 : 1];  /* 3 bits: the levels of two codes at once, lv2[a | b << 3] */
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
+    if (BC == 3) {
+        for (int i = threadIdx.x; i < 64; i += blockDim.x) {
+            const int a = i & 7, b = i >> 3;
+            lv2[i] = make_float2((a < L) ? levels[a] : __uint_as_float(ALQ_NAN_BITS),
+                                 (b < L) ? levels[b] : __uint_as_float(ALQ_NAN_BITS));
+        }
+    }
     __syncthreads();
+    const bool pairs = (BC == 3) && W >= 4;     /* one shared load per two codes (fewer loads, more conflicts) */
     const int nb = (BC > 0) ? BC : bits;
     const i64 groups = (m + 7) >> 3;
     const i64 total = groups + (n - m);
@@ -475,6 +484,7 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
                 r0 = i0 - b0 * d;
             }
             if (full && one_bucket) {            /* every group but the last: no per-coordinate checks */
+#pragma unroll 1
                 for (int w = 0; w < W; ++w) {
                     const u8* p = pay + (i64)w * stride;
                     const u8* pc = p + off_codes + t * nb;
@@ -491,8 +501,17 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
                             if (((unsigned int)(word >> (nb * e)) & mask) >= (unsigned int)L) flag |= 2;
                         }
                     }
+                    if (pairs) {
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
+                        for (int e = 0; e < 8; e += 2) {
+                            const float2 q = lv2[(unsigned int)(word >> (nb * e)) & 63u];
+                            acc[e] = acc[e] + s * q.x;
+                            acc[e + 1] = acc[e + 1] + s * q.y;
+                        }
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
+                    }
                 }
             } else {
                 for (int w = 0; w < W; ++w) {
@@ -544,7 +563,7 @@ extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(ALQ_DECODE_PARA
     alq_decode_sum_body<0>(ALQ_DECODE_ARGS);
 }
 
-/* 3 bits: constant shifts. */
+/* 3 bits: constant shifts; from 4 payloads on, two codes looked up at once. */
 extern "C" __global__ void __launch_bounds__(256) alq_decode_sum_b3(ALQ_DECODE_PARAMS) {
     alq_decode_sum_body<3>(ALQ_DECODE_ARGS);
 }
@@ -576,6 +595,8 @@ NAMES = (
 #: Largest dynamic shared memory a quantize block may use to hold its bucket (2 blocks per SM stay resident).
 SMEM_CAP = 100 * 1024
 _THREADS = 512
+#: Launch shape of the quantize kernels: groups of 8 coordinates per thread (at most _THREADS threads a block).
+TUNING: dict[str, int] = {"quantize_groups_per_thread": 2}
 _lock = threading.Lock()
 _modules: dict[int, Any] = {}
 _functions: dict[tuple[int, str], Any] = {}
@@ -712,8 +733,9 @@ def smem_bytes_for(bucket_size: int) -> int:
 
 
 def threads_for(bucket_size: int) -> int:
-    """Threads per quantize block: a multiple of 32, at most 512, about one per 8 coordinates."""
-    groups = -(-bucket_size // 8)
+    """Threads per quantize block: a multiple of 32, at most 512, one per ``TUNING["quantize_groups_per_thread"]``
+    groups of 8 coordinates."""
+    groups = -(-bucket_size // (8 * TUNING["quantize_groups_per_thread"]))
     return int(min(_THREADS, max(32, 32 * -(-groups // 32))))
 
 
