@@ -431,16 +431,53 @@ extern "C" __global__ void alq_dequantize(const u8* __restrict__ codes, const fl
  * order starting from 0, then multiplied by `scale` when apply_scale. err |= 1 for a negative scale,
  * |= 2 for a code >= L. One thread per group of 8 coordinates (or per tail coordinate).
  * dshift: log2(d) when d is a power of two, else -1. vec_out: out is 16-byte aligned.
- * BC: the bits when fixed at compile time (0: read bits).
+ * BC: the bits when fixed at compile time (0: read bits). pairs_min_w: with BC == 3, look two codes up at
+ * once from this many payloads on (0: never).
  */
+/* One group of 8 coordinates (t) of decode_sum in full generality: a part group at the end, or a group that
+ * crosses buckets (d % 8 != 0). Writes its outputs; returns the error flags. Not inlined: its registers do
+ * not count against the common path's. */
+__device__ __noinline__ int alq_decode_group(
+    const u8* __restrict__ pay, const i64 stride, const int W, const i64 m, const i64 d, const int nb, const int L,
+    const i64 off_scales, const i64 off_codes, const i64 t, const i64 b0, const i64 r0, const float* lv,
+    const float scale, const int apply_scale, float* __restrict__ out)
+{
+    const i64 i0 = 8 * t;
+    const unsigned int mask = (1u << nb) - 1u;
+    int flag = 0;
+    float acc[8];
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int w = 0; w < W; ++w) {
+        const u8* p = pay + (i64)w * stride;
+        const u8* pc = p + off_codes + t * nb;
+        u64 word = 0ULL;
+        for (int k = 0; k < nb; ++k) word |= (u64)pc[k] << (8 * k);
+        float s = alq_load_f32(p + off_scales + 4 * b0);
+        if (s < 0.0f) flag |= 1;
+        i64 b = b0, r = r0;
+        for (int e = 0; e < 8 && i0 + e < m; ++e) {
+            if (e > 0 && ++r == d) {     /* the group crosses into the next bucket */
+                r = 0;
+                s = alq_load_f32(p + off_scales + 4 * (++b));
+                if (s < 0.0f) flag |= 1;
+            }
+            const unsigned int c = (unsigned int)(word >> (nb * e)) & mask;
+            if (c >= (unsigned int)L) flag |= 2;
+            acc[e] = acc[e] + s * lv[c];
+        }
+    }
+    for (int e = 0; e < 8 && i0 + e < m; ++e) out[i0 + e] = apply_scale ? acc[e] * scale : acc[e];
+    return flag;
+}
+
 #define ALQ_DECODE_PARAMS \
     const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d, \
     const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail, \
     const float* __restrict__ levels, const float scale, const int apply_scale, \
-    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out
+    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out, const int pairs_min_w
 #define ALQ_DECODE_ARGS \
     pay, stride, W, n, m, d, bits, L, off_scales, off_codes, off_tail, levels, scale, apply_scale, out, err, \
-    dshift, vec_out
+    dshift, vec_out, pairs_min_w
 
 template <int BC>
 __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
@@ -457,7 +494,7 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
         }
     }
     __syncthreads();
-    const bool pairs = (BC == 3) && W >= 4;     /* one shared load per two codes (fewer loads, more conflicts) */
+    const bool pairs = (BC == 3) && pairs_min_w > 0 && W >= pairs_min_w;   /* one shared load per two codes */
     const int nb = (BC > 0) ? BC : bits;
     const i64 groups = (m + 7) >> 3;
     const i64 total = groups + (n - m);
@@ -469,9 +506,6 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
         if (t < groups) {
             const i64 i0 = 8 * t;
             const bool full = i0 + 8 <= m;
-            float acc[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
             i64 b0, r0;                          /* bucket of coordinate i0 and its place in it */
             if (dshift >= 0) {
                 b0 = i0 >> dshift;
@@ -484,7 +518,9 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
                 r0 = i0 - b0 * d;
             }
             if (full && one_bucket) {            /* every group but the last: no per-coordinate checks */
-#pragma unroll 1
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
                 for (int w = 0; w < W; ++w) {
                     const u8* p = pay + (i64)w * stride;
                     const u8* pc = p + off_codes + t * nb;
@@ -513,40 +549,21 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
                         for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
                     }
                 }
-            } else {
-                for (int w = 0; w < W; ++w) {
-                    const u8* p = pay + (i64)w * stride;
-                    const u8* pc = p + off_codes + t * nb;
-                    u64 word = 0ULL;
-                    for (int k = 0; k < nb; ++k) word |= (u64)pc[k] << (8 * k);
-                    float s = alq_load_f32(p + off_scales + 4 * b0);
-                    if (s < 0.0f) flag |= 1;
-                    i64 b = b0, r = r0;
-                    for (int e = 0; e < 8 && i0 + e < m; ++e) {
-                        if (e > 0 && ++r == d) {     /* the group crosses into the next bucket */
-                            r = 0;
-                            s = alq_load_f32(p + off_scales + 4 * (++b));
-                            if (s < 0.0f) flag |= 1;
-                        }
-                        const unsigned int c = (unsigned int)(word >> (nb * e)) & mask;
-                        if (c >= (unsigned int)L) flag |= 2;
-                        acc[e] = acc[e] + s * lv[c];
-                    }
-                }
-            }
-            if (apply_scale) {
+                if (apply_scale) {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[e] = acc[e] * scale;
-            }
-            if (full && vec_out) {
-                float4* o = reinterpret_cast<float4*>(out + i0);
-                o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-                o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    if (i0 + e < m) out[i0 + e] = acc[e];
+                    for (int e = 0; e < 8; ++e) acc[e] = acc[e] * scale;
                 }
+                if (vec_out) {
+                    float4* o = reinterpret_cast<float4*>(out + i0);
+                    o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                    o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) out[i0 + e] = acc[e];
+                }
+            } else {
+                flag |= alq_decode_group(pay, stride, W, m, d, nb, L, off_scales, off_codes, t, b0, r0, lv, scale,
+                                         apply_scale, out);
             }
         } else {
             const i64 j = t - groups;
@@ -595,8 +612,9 @@ NAMES = (
 #: Largest dynamic shared memory a quantize block may use to hold its bucket (2 blocks per SM stay resident).
 SMEM_CAP = 100 * 1024
 _THREADS = 512
-#: Launch shape of the quantize kernels: groups of 8 coordinates per thread (at most _THREADS threads a block).
-TUNING: dict[str, int] = {"quantize_groups_per_thread": 2}
+#: Launch shape of the quantize kernels: groups of 8 coordinates per thread (at most _THREADS threads a block);
+#: 3-bit decode: look two codes up at once from this many payloads on (0: never).
+TUNING: dict[str, int] = {"quantize_groups_per_thread": 2, "decode_pairs_min_w": 4}
 _lock = threading.Lock()
 _modules: dict[int, Any] = {}
 _functions: dict[tuple[int, str], Any] = {}
@@ -890,6 +908,7 @@ def launch_decode_sum(
             ptr(err),
             np.int32(d.bit_length() - 1 if d & (d - 1) == 0 else -1),
             np.int32(1 if int(out.data.ptr) % 16 == 0 else 0),
+            np.int32(TUNING["decode_pairs_min_w"]),
         ),
     )
 
