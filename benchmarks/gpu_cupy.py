@@ -208,12 +208,6 @@ def _one_bucket(
 
         t = _median_events(dsum, iters)
         res[f"decode_sum_W{w}_kernel_us"] = 1e6 * t
-        if sweep:  # looking up one code at a time, or two
-            default = K.TUNING["decode_pairs_min_w"]
-            for pmw in (0, 2):
-                K.TUNING["decode_pairs_min_w"] = pmw
-                res[f"sweep_decode_sum_W{w}_pairs_min_w_{pmw}_us"] = 1e6 * _median_events(dsum, iters)
-            K.TUNING["decode_pairs_min_w"] = default
         res[f"decode_sum_W{w}_floor_us"] = 1e6 * (w * size + 4 * N) / bw
         t_api = _median_events(
             lambda pays=pays, w=w, res_out=res_out: decode_sum_async(pays, levels, cfg, N, out=res_out, scale=1 / w),

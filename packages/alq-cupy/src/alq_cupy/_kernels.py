@@ -431,8 +431,7 @@ extern "C" __global__ void alq_dequantize(const u8* __restrict__ codes, const fl
  * order starting from 0, then multiplied by `scale` when apply_scale. err |= 1 for a negative scale,
  * |= 2 for a code >= L. One thread per group of 8 coordinates (or per tail coordinate).
  * dshift: log2(d) when d is a power of two, else -1. vec_out: out is 16-byte aligned.
- * BC: the bits when fixed at compile time (0: read bits). pairs_min_w: with BC == 3, look two codes up at
- * once from this many payloads on (0: never).
+ * BC: the bits when fixed at compile time (0: read bits).
  */
 /* One group of 8 coordinates (t) of decode_sum in full generality: a part group at the end, or a group that
  * crosses buckets (d % 8 != 0). Writes its outputs; returns the error flags. Not inlined: its registers do
@@ -474,27 +473,18 @@ __device__ __noinline__ int alq_decode_group(
     const u8* __restrict__ pay, const i64 stride, const int W, const i64 n, const i64 m, const i64 d, \
     const int bits, const int L, const i64 off_scales, const i64 off_codes, const i64 off_tail, \
     const float* __restrict__ levels, const float scale, const int apply_scale, \
-    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out, const int pairs_min_w
+    float* __restrict__ out, int* __restrict__ err, const int dshift, const int vec_out
 #define ALQ_DECODE_ARGS \
     pay, stride, W, n, m, d, bits, L, off_scales, off_codes, off_tail, levels, scale, apply_scale, out, err, \
-    dshift, vec_out, pairs_min_w
+    dshift, vec_out
 
 template <int BC>
 __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
 {
     typedef typename alq_word<(BC > 0 && BC <= 4)>::type word_t;
     __shared__ float lv[256];
-    __shared__ float2 lv2[(BC == 3) ? 64 : 1];  /* 3 bits: the levels of two codes at once, lv2[a | b << 3] */
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lv[i] = (i < L) ? levels[i] : __uint_as_float(ALQ_NAN_BITS);
-    if (BC == 3) {
-        for (int i = threadIdx.x; i < 64; i += blockDim.x) {
-            const int a = i & 7, b = i >> 3;
-            lv2[i] = make_float2((a < L) ? levels[a] : __uint_as_float(ALQ_NAN_BITS),
-                                 (b < L) ? levels[b] : __uint_as_float(ALQ_NAN_BITS));
-        }
-    }
     __syncthreads();
-    const bool pairs = (BC == 3) && pairs_min_w > 0 && W >= pairs_min_w;   /* one shared load per two codes */
     const int nb = (BC > 0) ? BC : bits;
     const i64 groups = (m + 7) >> 3;
     const i64 total = groups + (n - m);
@@ -537,17 +527,8 @@ __device__ __forceinline__ void alq_decode_sum_body(ALQ_DECODE_PARAMS)
                             if (((unsigned int)(word >> (nb * e)) & mask) >= (unsigned int)L) flag |= 2;
                         }
                     }
-                    if (pairs) {
 #pragma unroll
-                        for (int e = 0; e < 8; e += 2) {
-                            const float2 q = lv2[(unsigned int)(word >> (nb * e)) & 63u];
-                            acc[e] = acc[e] + s * q.x;
-                            acc[e + 1] = acc[e + 1] + s * q.y;
-                        }
-                    } else {
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
-                    }
+                    for (int e = 0; e < 8; ++e) acc[e] = acc[e] + s * lv[(unsigned int)(word >> (nb * e)) & mask];
                 }
                 if (apply_scale) {
 #pragma unroll
@@ -580,7 +561,7 @@ extern "C" __global__ void __launch_bounds__(256) alq_decode_sum(ALQ_DECODE_PARA
     alq_decode_sum_body<0>(ALQ_DECODE_ARGS);
 }
 
-/* 3 bits: constant shifts; from 4 payloads on, two codes looked up at once. */
+/* 3 bits: constant shifts, 32-bit words. */
 extern "C" __global__ void __launch_bounds__(256) alq_decode_sum_b3(ALQ_DECODE_PARAMS) {
     alq_decode_sum_body<3>(ALQ_DECODE_ARGS);
 }
@@ -612,9 +593,9 @@ NAMES = (
 #: Largest dynamic shared memory a quantize block may use to hold its bucket (2 blocks per SM stay resident).
 SMEM_CAP = 100 * 1024
 _THREADS = 512
-#: Launch shape of the quantize kernels: groups of 8 coordinates per thread (at most _THREADS threads a block);
-#: 3-bit decode: look two codes up at once from this many payloads on (0: never).
-TUNING: dict[str, int] = {"quantize_groups_per_thread": 2, "decode_pairs_min_w": 4}
+#: Launch shape of the quantize kernels: groups of 8 coordinates per thread (at most _THREADS threads a block;
+#: 8: 128 threads for buckets of 8192, 6 % faster than 2 on the H200, ``gpu_cupy_sweep_h200x1.json``).
+TUNING: dict[str, int] = {"quantize_groups_per_thread": 8}
 _lock = threading.Lock()
 _modules: dict[int, Any] = {}
 _functions: dict[tuple[int, str], Any] = {}
@@ -908,7 +889,6 @@ def launch_decode_sum(
             ptr(err),
             np.int32(d.bit_length() - 1 if d & (d - 1) == 0 else -1),
             np.int32(1 if int(out.data.ptr) % 16 == 0 else 0),
-            np.int32(TUNING["decode_pairs_min_w"]),
         ),
     )
 
