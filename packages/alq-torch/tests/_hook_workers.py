@@ -172,6 +172,27 @@ def sc_mismatch(device: torch.device) -> dict[str, Any]:
     return out
 
 
+def sc_late_mismatch(device: torch.device) -> dict[str, Any]:
+    """Good rounds (on CUDA their flag read-backs reuse host buffers), then rank 1's table version jumps at
+    round 6: that round raises on every rank (CPU: in the decode; CUDA: the check after the round)."""
+    rank = dist.get_rank()
+    state = ALQState(QuantizerConfig("nuqsgd", bits=3, bucket_size=BUCKET), exact_below=0)
+    bufs = [torch.from_numpy(local_grad(0, i, rank, n)).to(device) for i, n in enumerate(SIZES)]
+    for step in range(10):
+        if step == 6 and rank == 1:
+            sd = state.quantizer.state_dict()
+            sd["version"] = sd["version"] + 1
+            state.quantizer.load_state_dict(sd)
+        try:
+            futs = [alq_hook(state, FakeBucket(b, i, i == len(bufs) - 1)) for i, b in enumerate(bufs)]  # type: ignore[arg-type]
+            for f in futs:
+                f.wait()
+            state.check()
+        except (PayloadError, RuntimeError) as exc:  # CPU: the host decode raises inside the future
+            return {"step": step, "error": f"{type(exc).__name__}: {exc}", "pool": len(state._check_pool)}
+    return {"step": None, "error": "", "pool": len(state._check_pool)}
+
+
 class _Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -338,6 +359,7 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
     "world1": sc_world1,
     "nonfinite": sc_nonfinite,
     "mismatch": sc_mismatch,
+    "late_mismatch": sc_late_mismatch,
     "ddp": sc_ddp,
     "amp": sc_amp,
     "compiled": sc_compiled,

@@ -21,7 +21,19 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with Gloo"
 )
 
-ALL = ["methods", "half", "warmup", "world1", "nonfinite", "mismatch", "ddp", "amp", "compiled", "plans"]
+ALL = [
+    "methods",
+    "half",
+    "warmup",
+    "world1",
+    "nonfinite",
+    "mismatch",
+    "late_mismatch",
+    "ddp",
+    "amp",
+    "compiled",
+    "plans",
+]
 
 
 def _ok(per_rank: list[Any]) -> list[Any]:
@@ -221,6 +233,11 @@ def test_telemetry_bytes_and_measured_variance(w2: dict[str, list[Any]]) -> None
     assert res[0]["fp32"]["ratios"] == [1.0]
 
 
+def test_a_later_mismatch_is_named_by_its_round(w2: dict[str, list[Any]]) -> None:
+    for res in _ok(w2["late_mismatch"]):
+        assert res["step"] == 6 and "PayloadError" in res["error"] and "version mismatch" in res["error"], res
+
+
 def test_prepared_exchanges_of_buckets_ddp_no_longer_has_are_freed(w2: dict[str, list[Any]]) -> None:
     for res in _ok(w2["plans"]):
         assert res == {"before": [0, 1], "after": [0]}
@@ -371,8 +388,16 @@ def test_cuda_timing_spans_record_on_the_current_stream() -> None:
         torch.cuda._sleep(10**7)  # type: ignore[no-untyped-call]
         span.stop()
     assert current_stream(dev) == torch.cuda.current_stream(dev) != side
+    events = (span._start, span._stop)
     seconds = span.seconds(block=True)
     assert seconds is not None and seconds > 1e-4  # the events bracket the sleep on the side stream
+    assert span.seconds(block=True) == seconds and span.ready()  # read once, kept
+    again = _Span(dev)  # read events are recorded again, not created
+    again.start()
+    again.stop()
+    assert again._start in events and again._stop in events
+    later = again.seconds(block=True)
+    assert later is not None and 0 <= later < seconds
 
 
 def test_state_validates_its_arguments() -> None:

@@ -32,7 +32,7 @@ BACKENDS = [
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def g2(request: pytest.FixtureRequest) -> dict[str, list[Any]]:
-    names = ["methods", "half", "nonfinite", "mismatch", "ddp", "amp", "plans"]
+    names = ["methods", "half", "nonfinite", "mismatch", "late_mismatch", "ddp", "amp", "plans"]
     return hw.run_group(2, names, backend=request.param)
 
 
@@ -73,6 +73,13 @@ def test_cuda_version_mismatch_raises(g2: dict[str, list[Any]]) -> None:
         for coll in ("allgather", "reduce_scatter"):
             msg = res[r][coll]
             assert "PayloadError" in msg and ("version mismatch" in msg or "header did not match" in msg), msg
+
+
+def test_cuda_a_later_mismatch_is_named_by_its_round(g2: dict[str, list[Any]]) -> None:
+    for res in _ok(g2["late_mismatch"]):
+        assert res["step"] == 6, res
+        assert "step 6, bucket(s) [0, 1]" in res["error"], res["error"]
+        assert res["pool"] <= 1, "the flag read-back buffers of read rounds must be reused"
 
 
 def test_cuda_ddp_warmup_exact_identical_ranks_and_resume(g2: dict[str, list[Any]]) -> None:

@@ -55,6 +55,7 @@ _COLLECTIVES = ("auto", "allgather", "reduce_scatter")
 _STATE_FORMAT = 1
 _M64 = (1 << 64) - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {dt: str(dt).replace("torch.", "") for dt in _FLOAT_DTYPES}
 
 
 def _mix64(x: int) -> int:
@@ -65,12 +66,19 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (deterministic, order-sensitive)."""
-    h = 0x5AD5EED
+_SEED_START = 0x5AD5EED
+
+
+def _fold(h: int, *parts: int) -> int:
+    """Mix integers into the 64-bit hash state ``h`` (order-sensitive)."""
     for p in parts:
         h = _mix64(h ^ (p & _M64))
-    return h >> 1
+    return h
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, order-sensitive): ``_fold(_SEED_START, *parts) >> 1``."""
+    return _fold(_SEED_START, *parts) >> 1
 
 
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
@@ -111,16 +119,24 @@ _MAX_FLAGS = 256
 
 
 class _PendingCheck:
-    """A round's device-side header-check flags, read back without stalling (pinned copy + event)."""
+    """A round's device-side header-check flags, read back without stalling (pinned copy + event).
 
-    __slots__ = ("_event", "_flags", "step")
+    ``pool``: the host buffers and events of resolved checks, reused (a pinned allocation and a new event
+    per round cost more host time than the copy itself).
+    """
 
-    def __init__(self, flags: torch.Tensor, step: int) -> None:
+    __slots__ = ("_event", "_flags", "_pool", "step")
+
+    def __init__(self, flags: torch.Tensor, step: int, pool: list[tuple[torch.Tensor, Any]]) -> None:
         self._event: Any = None
+        self._pool = pool
         if flags.device.type == "cuda":
-            self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            if pool:
+                self._flags, self._event = pool.pop()
+            else:
+                self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+                self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._flags.copy_(flags, non_blocking=True)
-            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._event.record(current_stream(flags.device))
         else:  # host flags (tests): nothing to wait for
             self._flags = flags.clone()
@@ -132,7 +148,11 @@ class _PendingCheck:
             if not block and not self._event.query():
                 return None
             self._event.synchronize()
-        return [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
+        failed = [int(i) for i in np.flatnonzero(self._flags.numpy())]
+        if self._event is not None:  # read: the buffer and event can take another round's flags
+            self._pool.append((self._flags, self._event))
+            self._event = None
+        return failed
 
 
 class _GatherPlan:
@@ -372,15 +392,18 @@ class ALQState:
         self.quantizer = quantizer
         self.step = 0
         self._records: deque[StepRecord] = deque(maxlen=telemetry_history)
+        self._unresolved: list[StepRecord] = []  # kept records with GPU timings or variances not yet read
         self._current: StepRecord | None = None
         self._in_round = False
         self._update_due = False
         self._stats: list[torch.Tensor] = []
         self._pending: list[_PendingCheck] = []
+        self._check_pool: list[tuple[torch.Tensor, Any]] = []  # host buffers + events of read checks
         self._flags: torch.Tensor | None = None  # int32 (_MAX_FLAGS,) on the GPU: header mismatches this round
         self._flags_used = False
         self._lock = threading.Lock()
         self._world, self._rank = 1, 0  # the group's, read at the start of every round
+        self._round_hash = 0  # _fold(_SEED_START, seed, step) of the round in progress
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
         self._plans: dict[int, _GatherPlan | _ScatterPlan] = {}  # prepared exchanges by DDP bucket index
@@ -452,7 +475,7 @@ class ALQState:
         """Queue the read-back of the flags of round ``step`` and clear them (stream-ordered after its decodes)."""
         if self._flags is not None and self._flags_used:
             with self._lock:
-                self._pending.append(_PendingCheck(self._flags, step))
+                self._pending.append(_PendingCheck(self._flags, step, self._check_pool))
                 self._flags.zero_()
                 self._flags_used = False
 
@@ -492,10 +515,11 @@ class ALQState:
             self._in_round = True
             self._collect_flags(self.step - 1)
             self._raise_failed_checks(block=False)
-            for r in list(self._records)[-4:]:
-                r._resolve(block=False)
+            self._unresolved = [r for r in self._unresolved if not r._resolve(block=False)]
             self._stats = []
             self._world, self._rank = self.world_size, self.rank  # fixed for the group; read once per round
+            # seeds are _derive_seed(seed, step, index, rank, phase, k): the (seed, step) prefix once per round
+            self._round_hash = _fold(_SEED_START, self.seed, self.step)
             cfg = self.config
             self._update_due = bool(cfg.quantized and self._world > 1 and self.quantizer.due(self.step))
             self._current = StepRecord(self.step) if self.keep_telemetry else None
@@ -508,6 +532,10 @@ class ALQState:
                 self._current.level_update = update
         if self._current is not None:
             self._records.append(self._current)
+            if not self._current._resolve(block=False):  # GPU timings or variances still to read
+                self._unresolved.append(self._current)
+                if len(self._unresolved) > (self._records.maxlen or 1):  # older ones left the history
+                    del self._unresolved[0]
         self._current = None
         self._in_round = False
         self._update_due = False
@@ -663,7 +691,7 @@ class ALQState:
         rec = BucketRecord(
             index=index,
             numel=flat.numel(),
-            dtype=str(flat.dtype).replace("torch.", ""),
+            dtype=_DTYPE_NAMES.get(flat.dtype) or str(flat.dtype).replace("torch.", ""),
             mode=mode,
             reason=reason,
             table_version=None,
@@ -740,7 +768,7 @@ class ALQState:
     def _allgather(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        world, rank, step = self._world, self._rank, self.step
+        world, rank = self._world, self._rank
         device = flat.device
         plan = self._gather_plan(flat, index, world)
         if device.type == "cuda":
@@ -748,7 +776,7 @@ class ALQState:
         rec.table_version = plan.version
         rec.bytes_sent = (world - 1) * plan.payload.numel()
         span_q = self._timed(rec, "quantize", device)
-        plan.encode(_derive_seed(self.seed, step, index, rank, 1, 0))
+        plan.encode(_fold(self._round_hash, index, rank, 1, 0) >> 1)
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
@@ -783,7 +811,7 @@ class ALQState:
     def _reduce_scatter(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        world, rank, step = self._world, self._rank, self.step
+        world, rank = self._world, self._rank
         device = flat.device
         plan = self._scatter_plan(flat, index, world, rank)
         if device.type == "cuda":
@@ -794,7 +822,7 @@ class ALQState:
 
         span_q = self._timed(rec, "quantize", device)
         for k in range(world):
-            plan.encode[k](_derive_seed(self.seed, step, index, rank, 1, k))
+            plan.encode[k](_fold(self._round_hash, index, rank, 1, k) >> 1)
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
@@ -823,7 +851,7 @@ class ALQState:
             if span_d1 is not None:
                 span_d1.stop()
             span_q2 = self._timed(rec, "quantize", device)
-            plan.encode_owned(_derive_seed(self.seed, step, index, rank, 2, rank))
+            plan.encode_owned(_fold(self._round_hash, index, rank, 2, rank) >> 1)
             if span_q2 is not None:
                 span_q2.stop()
             span_c2 = self._timed(rec, "communicate", device)
