@@ -515,7 +515,8 @@ class ALQState:
             self._in_round = True
             self._collect_flags(self.step - 1)
             self._raise_failed_checks(block=False)
-            self._unresolved = [r for r in self._unresolved if not r._resolve(block=False)]
+            while self._unresolved and self._unresolved[0]._resolve(block=False):  # rounds finish in order
+                del self._unresolved[0]
             self._stats = []
             self._world, self._rank = self.world_size, self.rank  # fixed for the group; read once per round
             # seeds are _derive_seed(seed, step, index, rank, phase, k): the (seed, step) prefix once per round
@@ -532,7 +533,7 @@ class ALQState:
                 self._current.level_update = update
         if self._current is not None:
             self._records.append(self._current)
-            if not self._current._resolve(block=False):  # GPU timings or variances still to read
+            if any(b._spans or b._variance_parts for b in self._current.buckets):  # GPU numbers to read later
                 self._unresolved.append(self._current)
                 if len(self._unresolved) > (self._records.maxlen or 1):  # older ones left the history
                     del self._unresolved[0]
