@@ -388,16 +388,8 @@ def test_cuda_timing_spans_record_on_the_current_stream() -> None:
         torch.cuda._sleep(10**7)  # type: ignore[no-untyped-call]
         span.stop()
     assert current_stream(dev) == torch.cuda.current_stream(dev) != side
-    events = (span._start, span._stop)
     seconds = span.seconds(block=True)
     assert seconds is not None and seconds > 1e-4  # the events bracket the sleep on the side stream
-    assert span.seconds(block=True) == seconds and span.ready()  # read once, kept
-    again = _Span(dev)  # read events are recorded again, not created
-    again.start()
-    again.stop()
-    assert again._start in events and again._stop in events
-    later = again.seconds(block=True)
-    assert later is not None and 0 <= later < seconds
 
 
 def test_state_validates_its_arguments() -> None:

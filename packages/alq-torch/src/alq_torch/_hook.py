@@ -148,7 +148,7 @@ class _PendingCheck:
             if not block and not self._event.query():
                 return None
             self._event.synchronize()
-        failed = [int(i) for i in np.flatnonzero(self._flags.numpy())]
+        failed = [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
         if self._event is not None:  # read: the buffer and event can take another round's flags
             self._pool.append((self._flags, self._event))
             self._event = None

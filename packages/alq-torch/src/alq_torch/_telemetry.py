@@ -83,22 +83,14 @@ def current_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-#: Timing events of read spans, by device index, for reuse (a new event costs a driver call at its first
-#: record and another when it is freed); at most _MAX_FREE_EVENTS kept per device.
-_FREE_EVENTS: dict[int, list[torch.cuda.Event]] = {}
-_MAX_FREE_EVENTS = 4096
-
-
 class _Span:
-    """Start/stop marks on the host clock or on a CUDA stream (CUDA events reused once read)."""
+    """Start/stop marks on the host clock or on a CUDA stream."""
 
-    __slots__ = ("_cuda", "_device", "_index", "_seconds", "_start", "_stop")
+    __slots__ = ("_cuda", "_device", "_start", "_stop")
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
         self._device = device
-        self._index = 0  # the CUDA device the events were recorded on
-        self._seconds: float | None = None  # once read (the events then went back to the free list)
         self._start: object = None
         self._stop: object = None
 
@@ -110,17 +102,12 @@ class _Span:
 
     def _mark(self) -> object:
         if self._cuda:
-            stream = current_stream(self._device)
-            self._index = stream.device_index
-            free = _FREE_EVENTS.get(self._index)
-            ev = free.pop() if free else torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            ev.record(stream)
+            ev = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            ev.record(current_stream(self._device))
             return ev
         return time.perf_counter()
 
     def ready(self) -> bool:
-        if self._seconds is not None:
-            return True
         if self._start is None or self._stop is None:
             return False
         if self._cuda:
@@ -129,8 +116,6 @@ class _Span:
         return True
 
     def seconds(self, block: bool) -> float | None:
-        if self._seconds is not None:
-            return self._seconds
         if self._start is None or self._stop is None:
             return None
         if self._cuda:
@@ -139,13 +124,7 @@ class _Span:
             if not block and not stop.query():  # type: ignore[no-untyped-call]
                 return None
             stop.synchronize()
-            seconds = float(start.elapsed_time(stop)) / 1e3
-            free = _FREE_EVENTS.setdefault(self._index, [])
-            if len(free) < _MAX_FREE_EVENTS:  # both recorded events are complete: free to record again
-                free += (start, stop)
-            self._start = self._stop = None
-            self._seconds = seconds
-            return seconds
+            return float(start.elapsed_time(stop)) / 1e3
         assert isinstance(self._start, float) and isinstance(self._stop, float)
         return self._stop - self._start
 
