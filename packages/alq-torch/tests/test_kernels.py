@@ -545,7 +545,7 @@ def test_prepared_launches_follow_their_buffers_and_seeds(kernels: dict[str, int
     """The hook's prepared encode and decode, called again and again on buffers whose contents change,
     equal fresh public-op calls; seeds of both int widths (the kernel's seed argument is compiled as
     int32 or int64) each take their own kernel."""
-    from alq_torch._wire import prepare_decode_sum, prepare_quantize_encode
+    from alq_torch import prepare_decode_sum, prepare_quantize_encode
 
     config = QuantizerConfig("alq", bits=3, bucket_size=256, nonfinite="propagate")
     levels = default_levels(config)

@@ -9,7 +9,17 @@ import torch
 from alq_core import HEADER_SIZE, PayloadError, QuantizerConfig, default_levels, payload_size
 from alq_core.testing import assert_payloads_equal, assert_quantized_equal
 from alq_core.testing.strategies import configs, gradients, levels_for, noise_for
-from alq_torch import decode, decode_sum, encode, pack_codes, quantize, quantize_encode, unpack_codes
+from alq_torch import (
+    decode,
+    decode_sum,
+    encode,
+    pack_codes,
+    prepare_decode_sum,
+    prepare_quantize_encode,
+    quantize,
+    quantize_encode,
+    unpack_codes,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -134,6 +144,26 @@ def test_decode_sum_into_out_with_scale() -> None:
     parts = [alq_core.dequantize(alq_core.decode(p.numpy()), levels) for p in ps]
     np.testing.assert_array_equal(res.numpy(), ((parts[0] + parts[1]) + parts[2]) * np.float32(1 / 3))
     torch.testing.assert_close(res[80:], sum(x[80:] for x in xs) / 3)  # exact tail, averaged
+
+
+@pytest.mark.parametrize("method", ["alq", "fp32"])
+def test_prepared_calls_read_their_buffers_at_each_call(method: str) -> None:
+    """Prepared once, called as the contents change: the same bytes and sums as fresh public calls."""
+    config = QuantizerConfig(method, bits=3, bucket_size=64, nonfinite="propagate")
+    levels = default_levels(config) if config.quantized else None
+    n = 300
+    x = torch.empty(n)
+    encode_x = prepare_quantize_encode(x, levels, config, table_version=4)
+    rows = torch.empty(2, payload_size(config, n), dtype=torch.uint8)
+    decode_rows = prepare_decode_sum(rows, levels, config, n, table_version=4, scale=0.5)
+    for step in range(3):
+        x.copy_(torch.randn(n, generator=torch.Generator().manual_seed(step)))
+        rows[0].copy_(encode_x(step))
+        assert torch.equal(rows[0], quantize_encode(x.clone(), levels, config, table_version=4, seed=step))
+        rows[1].copy_(quantize_encode(2 * x, levels, config, table_version=4, seed=step + 9))
+        assert torch.equal(decode_rows(), decode_sum(rows.clone(), levels, config, n, table_version=4, scale=0.5))
+    with pytest.raises(ValueError, match="not float64"):
+        prepare_quantize_encode(x.double(), levels, config)
 
 
 def test_quantize_encode_seed_out_and_validation() -> None:

@@ -10,7 +10,16 @@ from ._quantize import QuantizedTensor, dequantize, quantize
 from ._simulate import SimulatedStep, SimulatedWorkers
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord
-from ._wire import decode, decode_sum, encode, pack_codes, quantize_encode, unpack_codes
+from ._wire import (
+    decode,
+    decode_sum,
+    encode,
+    pack_codes,
+    prepare_decode_sum,
+    prepare_quantize_encode,
+    quantize_encode,
+    unpack_codes,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +38,8 @@ __all__ = [
     "dequantize",
     "encode",
     "pack_codes",
+    "prepare_decode_sum",
+    "prepare_quantize_encode",
     "quantize",
     "quantize_encode",
     "unpack_codes",
