@@ -175,7 +175,7 @@ def test_public_api() -> None:
     names = {n for n in dir(alq_torch) if not n.startswith("_")} - {"train"}
     assert alq_torch.__all__ == sorted(alq_torch.__all__)
     mine = {"QuantizedTensor", "bucket_stats", "decode", "decode_sum", "dequantize", "encode", "pack_codes",
-            "quantize", "quantize_encode", "unpack_codes"}  # fmt: skip
+            "prepare_decode_sum", "prepare_quantize_encode", "quantize", "quantize_encode", "unpack_codes"}  # fmt: skip
     assert mine <= set(alq_torch.__all__) <= names
 
 
