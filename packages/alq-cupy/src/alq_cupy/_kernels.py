@@ -26,7 +26,10 @@ Arithmetic contract (``alq_core._quantize``), and how the kernels keep it:
 
 Layout: one thread block per bucket. When ``4 * bucket_size`` bytes fit in shared
 memory the bucket is read from global memory once, kept in shared memory, and
-quantized and packed from there; larger buckets are read twice.
+quantized and packed from there; larger buckets are read twice. Both hot kernels
+have a specialized instance for the common case, chosen at launch:
+``alq_quantize_l8b3`` (8 levels at 3 bits: levels in registers, the bracket by
+selects) and ``alq_decode_sum_b3`` (3 bits: constant shifts, 32-bit code words).
 """
 
 from __future__ import annotations
@@ -576,19 +579,6 @@ extern "C" __global__ void alq_noise(float* __restrict__ out, const i64 m, const
 
 #: NVRTC flags that the bit-exactness contract depends on (never add --use_fast_math, never -ftz=true).
 OPTIONS = ("--std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "--fmad=false")
-
-NAMES = (
-    "alq_quantize",
-    "alq_quantize_l8b3",
-    "alq_bucket_scales",
-    "alq_bucket_stats",
-    "alq_pack",
-    "alq_unpack",
-    "alq_dequantize",
-    "alq_decode_sum",
-    "alq_decode_sum_b3",
-    "alq_noise",
-)
 
 #: Largest dynamic shared memory a quantize block may use to hold its bucket (2 blocks per SM stay resident).
 SMEM_CAP = 100 * 1024
