@@ -22,6 +22,11 @@ PACKAGES = {
     # triton on CPU runs the GPU kernels in its interpreter, so CI checks their bytes too.
     "torch": ["./packages/alq-core", "./packages/alq-torch[test,triton]"],
     "cupy": ["./packages/alq-core", "./packages/alq-cupy[test]"],
+    # the GPU machine's scripts in benchmarks/, on their CPU paths (they rot otherwise: CI has no GPU)
+    "scripts": ["./packages/alq-core", "./packages/alq-torch[triton]"],
+}
+TEST_PATHS = {name: f"packages/alq-{name}/tests" for name in ("core", "torch", "cupy")} | {
+    "scripts": "benchmarks/test_scripts.py"
 }
 TOOLS = ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"]
 
@@ -29,11 +34,12 @@ TOOLS = ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"]
 @nox.session(python="3.11")
 @nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
-    """Install one package (and what it needs) from scratch and run its tests."""
+    """Install one package (and what it needs) from scratch and run its tests (``scripts``: the benchmark
+    scripts' CPU smoke tests, with alq-torch)."""
     session.install(*CONSTRAINTS, *PACKAGES[package], *TOOLS)
     # Multi-process Gloo tests start several torch processes on small machines: one thread each.
     session.env.setdefault("OMP_NUM_THREADS", "1")
-    session.run("pytest", f"packages/alq-{package}/tests", "-q", *session.posargs)
+    session.run("pytest", TEST_PATHS[package], "-q", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -46,7 +52,9 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11", default=False)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on every package's src/ (configured in pyproject.toml)."""
-    session.install(*CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch[triton]", "./packages/alq-cupy", *TOOLS, "mypy>=1.10")
+    session.install(
+        *CONSTRAINTS, "./packages/alq-core", "./packages/alq-torch[triton]", "./packages/alq-cupy", *TOOLS, "mypy>=1.10"
+    )
     session.run("mypy", *session.posargs)
 
 
