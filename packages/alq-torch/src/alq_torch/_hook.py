@@ -121,8 +121,8 @@ _MAX_FLAGS = 256
 class _PendingCheck:
     """A round's device-side header-check flags, read back without stalling (pinned copy + event).
 
-    ``pool``: the host buffers and events of resolved checks, reused (a pinned allocation and a new event
-    per round cost more host time than the copy itself).
+    ``pool``: the pinned host buffers and events of read checks (all of one device), reused instead of
+    allocated each round.
     """
 
     __slots__ = ("_event", "_flags", "_pool", "step")
@@ -485,6 +485,7 @@ class ALQState:
             return True
         if self._flags is None or self._flags.device != device:
             self._flags = torch.zeros(_MAX_FLAGS, dtype=torch.int32, device=device)
+            self._check_pool.clear()  # its events belong to the previous device
         self._flags_used = True
         i = min(index, _MAX_FLAGS - 1)
         return self._flags[i : i + 1]
