@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 PIECES = ("_begin_bucket", "_collect_flags", "_raise_failed_checks", "_end_round", "_update_levels", "_mode",
-          "_gather_plan", "_timed")  # fmt: skip
+          "_plan", "_timed")  # fmt: skip
 
 
 def main() -> None:

@@ -79,7 +79,6 @@ def test_cuda_a_later_mismatch_is_named_by_its_round(g2: dict[str, list[Any]]) -
     for res in _ok(g2["late_mismatch"]):
         assert res["step"] == 6, res
         assert "step 6, bucket(s) [0, 1]" in res["error"], res["error"]
-        assert res["pool"] <= 1, "the flag read-back buffers of read rounds must be reused"
 
 
 def test_cuda_ddp_warmup_exact_identical_ranks_and_resume(g2: dict[str, list[Any]]) -> None:

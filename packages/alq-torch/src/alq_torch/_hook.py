@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import alq_core
 import numpy as np
@@ -55,7 +55,6 @@ _COLLECTIVES = ("auto", "allgather", "reduce_scatter")
 _STATE_FORMAT = 1
 _M64 = (1 << 64) - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {dt: str(dt).replace("torch.", "") for dt in _FLOAT_DTYPES}
 
 
 def _mix64(x: int) -> int:
@@ -66,19 +65,12 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-_SEED_START = 0x5AD5EED
-
-
-def _fold(h: int, *parts: int) -> int:
-    """Mix integers into the 64-bit hash state ``h`` (order-sensitive)."""
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, order-sensitive)."""
+    h = 0x5AD5EED
     for p in parts:
         h = _mix64(h ^ (p & _M64))
-    return h
-
-
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (deterministic, order-sensitive): ``_fold(_SEED_START, *parts) >> 1``."""
-    return _fold(_SEED_START, *parts) >> 1
+    return h >> 1
 
 
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
@@ -119,24 +111,16 @@ _MAX_FLAGS = 256
 
 
 class _PendingCheck:
-    """A round's device-side header-check flags, read back without stalling (pinned copy + event).
+    """A round's device-side header-check flags, read back without stalling (pinned copy + event)."""
 
-    ``pool``: the pinned host buffers and events of read checks (all of one device), reused instead of
-    allocated each round.
-    """
+    __slots__ = ("_event", "_flags", "step")
 
-    __slots__ = ("_event", "_flags", "_pool", "step")
-
-    def __init__(self, flags: torch.Tensor, step: int, pool: list[tuple[torch.Tensor, Any]]) -> None:
+    def __init__(self, flags: torch.Tensor, step: int) -> None:
         self._event: Any = None
-        self._pool = pool
         if flags.device.type == "cuda":
-            if pool:
-                self._flags, self._event = pool.pop()
-            else:
-                self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-                self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             self._flags.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._event.record(current_stream(flags.device))
         else:  # host flags (tests): nothing to wait for
             self._flags = flags.clone()
@@ -148,11 +132,7 @@ class _PendingCheck:
             if not block and not self._event.query():
                 return None
             self._event.synchronize()
-        failed = [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
-        if self._event is not None:  # read: the buffer and event can take another round's flags
-            self._pool.append((self._flags, self._event))
-            self._event = None
-        return failed
+        return [int(i) for i in torch.nonzero(self._flags).flatten().tolist()]
 
 
 class _GatherPlan:
@@ -175,6 +155,7 @@ class _GatherPlan:
         flat: torch.Tensor,
         index: int,
         world: int,
+        rank: int,
         levels: np.ndarray,
         version: int,
         key: tuple[Any, ...],
@@ -275,6 +256,9 @@ class _ScatterPlan:
             )
             for k in range(world)
         ]
+
+
+_Plan = TypeVar("_Plan", _GatherPlan, _ScatterPlan)
 
 
 class ALQState:
@@ -398,12 +382,10 @@ class ALQState:
         self._update_due = False
         self._stats: list[torch.Tensor] = []
         self._pending: list[_PendingCheck] = []
-        self._check_pool: list[tuple[torch.Tensor, Any]] = []  # host buffers + events of read checks
         self._flags: torch.Tensor | None = None  # int32 (_MAX_FLAGS,) on the GPU: header mismatches this round
         self._flags_used = False
         self._lock = threading.Lock()
         self._world, self._rank = 1, 0  # the group's, read at the start of every round
-        self._round_hash = 0  # _fold(_SEED_START, seed, step) of the round in progress
         self._table_key: int | None = None
         self._table_host: np.ndarray | None = None
         self._plans: dict[int, _GatherPlan | _ScatterPlan] = {}  # prepared exchanges by DDP bucket index
@@ -475,7 +457,7 @@ class ALQState:
         """Queue the read-back of the flags of round ``step`` and clear them (stream-ordered after its decodes)."""
         if self._flags is not None and self._flags_used:
             with self._lock:
-                self._pending.append(_PendingCheck(self._flags, step, self._check_pool))
+                self._pending.append(_PendingCheck(self._flags, step))
                 self._flags.zero_()
                 self._flags_used = False
 
@@ -485,7 +467,6 @@ class ALQState:
             return True
         if self._flags is None or self._flags.device != device:
             self._flags = torch.zeros(_MAX_FLAGS, dtype=torch.int32, device=device)
-            self._check_pool.clear()  # its events belong to the previous device
         self._flags_used = True
         i = min(index, _MAX_FLAGS - 1)
         return self._flags[i : i + 1]
@@ -520,8 +501,6 @@ class ALQState:
                 del self._unresolved[0]
             self._stats = []
             self._world, self._rank = self.world_size, self.rank  # fixed for the group; read once per round
-            # seeds are _derive_seed(seed, step, index, rank, phase, k): the (seed, step) prefix once per round
-            self._round_hash = _fold(_SEED_START, self.seed, self.step)
             cfg = self.config
             self._update_due = bool(cfg.quantized and self._world > 1 and self.quantizer.due(self.step))
             self._current = StepRecord(self.step) if self.keep_telemetry else None
@@ -693,7 +672,7 @@ class ALQState:
         rec = BucketRecord(
             index=index,
             numel=flat.numel(),
-            dtype=_DTYPE_NAMES.get(flat.dtype) or str(flat.dtype).replace("torch.", ""),
+            dtype=str(flat.dtype).replace("torch.", ""),
             mode=mode,
             reason=reason,
             table_version=None,
@@ -757,28 +736,29 @@ class ALQState:
         err = (deq - ref).double().square().sum()
         rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
 
-    def _gather_plan(self, flat: torch.Tensor, index: int, world: int) -> _GatherPlan:
-        """Bucket ``index``'s kept :class:`_GatherPlan`, rebuilt when its buffer, size, dtype or table changed."""
+    def _plan(self, kind: type[_Plan], flat: torch.Tensor, index: int) -> _Plan:
+        """Bucket ``index``'s kept exchange of ``kind``, rebuilt when its buffer, size, dtype, level table or
+        group changed."""
         levels, version = self._table()
-        key = (flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, world)
+        key = (kind, flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, self._world, self._rank)
         plan = self._plans.get(index)
-        if not isinstance(plan, _GatherPlan) or plan.key != key:
-            plan = _GatherPlan(self, flat, index, world, levels, version, key)
+        if not isinstance(plan, kind) or plan.key != key:
+            plan = kind(self, flat, index, self._world, self._rank, levels, version, key)
             self._plans[index] = plan
         return plan
 
     def _allgather(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        world, rank = self._world, self._rank
+        world, rank, step = self._world, self._rank, self.step
         device = flat.device
-        plan = self._gather_plan(flat, index, world)
+        plan = self._plan(_GatherPlan, flat, index)
         if device.type == "cuda":
             self._flags_used = True  # the plan's decode checks headers into this round's flags
         rec.table_version = plan.version
         rec.bytes_sent = (world - 1) * plan.payload.numel()
         span_q = self._timed(rec, "quantize", device)
-        plan.encode(_fold(self._round_hash, index, rank, 1, 0) >> 1)
+        plan.encode(_derive_seed(self.seed, step, index, rank, 1, 0))
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
@@ -800,22 +780,12 @@ class ALQState:
         fut: torch.futures.Future[torch.Tensor] = work.get_future().then(finish)
         return fut
 
-    def _scatter_plan(self, flat: torch.Tensor, index: int, world: int, rank: int) -> _ScatterPlan:
-        """Bucket ``index``'s kept :class:`_ScatterPlan` (rebuilt as :meth:`_gather_plan` says)."""
-        levels, version = self._table()
-        key = ("reduce_scatter", flat.data_ptr(), flat.numel(), flat.dtype, flat.device, version, world, rank)
-        plan = self._plans.get(index)
-        if not isinstance(plan, _ScatterPlan) or plan.key != key:
-            plan = _ScatterPlan(self, flat, index, world, rank, levels, version, key)
-            self._plans[index] = plan
-        return plan
-
     def _reduce_scatter(
         self, buf: torch.Tensor, flat: torch.Tensor, index: int, rec: BucketRecord
     ) -> torch.futures.Future[torch.Tensor]:
-        world, rank = self._world, self._rank
+        world, rank, step = self._world, self._rank, self.step
         device = flat.device
-        plan = self._scatter_plan(flat, index, world, rank)
+        plan = self._plan(_ScatterPlan, flat, index)
         if device.type == "cuda":
             self._flags_used = True  # the plan's decodes check headers into this round's flags
         sizes = plan.sizes
@@ -824,7 +794,7 @@ class ALQState:
 
         span_q = self._timed(rec, "quantize", device)
         for k in range(world):
-            plan.encode[k](_fold(self._round_hash, index, rank, 1, k) >> 1)
+            plan.encode[k](_derive_seed(self.seed, step, index, rank, 1, k))
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
@@ -853,7 +823,7 @@ class ALQState:
             if span_d1 is not None:
                 span_d1.stop()
             span_q2 = self._timed(rec, "quantize", device)
-            plan.encode_owned(_fold(self._round_hash, index, rank, 2, rank) >> 1)
+            plan.encode_owned(_derive_seed(self.seed, step, index, rank, 2, rank))
             if span_q2 is not None:
                 span_q2.stop()
             span_c2 = self._timed(rec, "communicate", device)

@@ -178,11 +178,14 @@ def _launch(
             _LAUNCHES.clear()
         _LAUNCHES[key] = kernel
         return kernel
-    values = list(args)
-    values.extend(consts[name] for name in fn.arg_names[len(args) :])
+    _run(kernel, grid, env, [*args, *(consts[name] for name in fn.arg_names[len(args) :])])
+    return kernel
+
+
+def _run(kernel: Any, grid: tuple[int], env: tuple[Any, ...], values: list[Any]) -> None:
+    """Launch compiled ``kernel`` directly on the current stream of ``env``'s device (see :func:`_launch`)."""
     stream = torch._C._cuda_getCurrentRawStream(env[0])
     kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
-    return kernel
 
 
 class Launch:
@@ -220,13 +223,9 @@ class Launch:
         if kernel is not None and (at is None or _arg_key(seed, False) == self._width):
             env = _launch_env()
             if env is not None and env == self._env:
-                values = self._values
                 if at is not None:
-                    values[at] = seed
-                stream = torch._C._cuda_getCurrentRawStream(env[0])
-                kernel.run(
-                    self._grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *values
-                )
+                    self._values[at] = seed
+                _run(kernel, self._grid, env, self._values)
                 return
         args = self._args if at is None else (*self._args[:at], seed, *self._args[at + 1 :])
         self._kernel = _launch(self._fn, self._grid, args, self._consts, self._options)
@@ -1037,7 +1036,5 @@ def decode_sum(
     scale: float,
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """:func:`prepare_decode_sum` launched once (``payloads`` of any row stride)."""
-    if payloads.stride(1) != 1:
-        payloads = payloads.contiguous()
+    """:func:`prepare_decode_sum` launched once."""
     prepare_decode_sum(payloads, table, config, m, codes_off, out, scale, check)()

@@ -296,10 +296,9 @@ def quantize_encode(
     if noise is not None and seed is not None:
         msg = "pass either `noise` or `seed`, not both"
         raise ValueError(msg)
-    src = check_tensor(x).detach().reshape(-1)
-    if src.dtype == torch.float64:
-        src = src.to(torch.float32)
-    return prepare_quantize_encode(src, levels, config, table_version=table_version, noise=noise, out=out)(seed)
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:  # the prepared call reads float32 or half
+        x = x.detach().to(torch.float32)
+    return prepare_quantize_encode(x, levels, config, table_version=table_version, noise=noise, out=out)(seed)
 
 
 def prepare_quantize_encode(
