@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -687,3 +688,56 @@ def test_kernels_compile_for_hopper_with_exact_arithmetic() -> None:
     if done.stdout.startswith("SKIP"):
         pytest.skip(f"cannot compile for sm_90 here: {done.stdout.strip()}")
     assert done.stdout.strip().endswith("OK")
+
+
+def test_launch_binds_once_then_runs_directly_and_redispatches_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct-launch bookkeeping of ``_kernels.Launch`` / ``_launch`` / ``_run`` on CPU, with a stand-in
+    compiled kernel: the first call dispatches; later ones run the kept kernel with the bound arguments
+    (tensors as pointers) and the new seed; a seed of another int width, or a changed launch environment,
+    dispatches again; a second Launch of a cached signature runs directly from its first call."""
+    from alq_torch import _kernels
+
+    log: list[tuple[Any, ...]] = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a: Any) -> None:
+            log.append(("run", *a))
+
+    class Jit:
+        arg_names = ("x", "n", "seed", "K")
+        do_not_specialize = ("seed",)  # as the quantize kernel: one compilation per seed width
+
+        def __getitem__(self, grid: tuple[int]) -> Any:
+            def dispatch(*args: Any, **kw: Any) -> Compiled:
+                log.append(("dispatch", grid, *args, kw["K"]))
+                return Compiled()
+
+            return dispatch
+
+    env = [(0, None, None)]
+    monkeypatch.setattr(_kernels, "_launch_env", lambda: env[0])
+    monkeypatch.setattr(_kernels, "_LAUNCHES", {})
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 70 + device, raising=False)
+    x, jit = torch.zeros(4), Jit()
+    launch = _kernels.Launch(jit, (3,), (x, 4, 0), {"K": 8}, {}, seed_at=2)
+    launch(5)
+    launch(6)
+    assert log[0] == ("dispatch", (3,), x, 4, 5, 8)
+    assert log[1] == ("run", 3, 1, 1, 70, "fn", "meta", None, None, None, x.data_ptr(), 4, 6, 8)
+    big = 2**40  # a 64-bit seed: Triton compiles another kernel
+    launch(big)
+    assert log[2][:1] == ("dispatch",) and log[2][4] == big
+    launch(big + 1)
+    assert log[3] == ("run", 3, 1, 1, 70, "fn", "meta", None, None, None, x.data_ptr(), 4, big + 1, 8)
+    env[0] = (1, None, None)  # the same seed width on another device: dispatched again
+    launch(big + 2)
+    assert log[4][:1] == ("dispatch",) and log[4][4] == big + 2
+    launch(big + 3)
+    assert log[5] == ("run", 3, 1, 1, 71, "fn", "meta", None, None, None, x.data_ptr(), 4, big + 3, 8)
+    again = _kernels.Launch(jit, (3,), (x, 4, 0), {"K": 8}, {}, seed_at=2)
+    again(big + 4)  # the signature is cached: straight to the kernel, the tensor as Triton takes it
+    assert log[6][:10] == ("run", 3, 1, 1, 71, "fn", "meta", None, None, None)
+    assert log[6][10] is x and log[6][11:] == (4, big + 4, 8)
+    assert len(log) == 7
