@@ -2,9 +2,11 @@ import pytest
 from alq_core import METHODS, QuantizerConfig
 
 
-def test_registry_has_the_nine_methods_in_paper_order():
-    assert list(METHODS) == ["fp32", "qsgd", "qsgdinf", "nuqsgd", "trn", "alq", "alq-n", "amq", "amq-n"]
-    assert len({s.wire_id for s in METHODS.values()}) == 9
+def test_registry_has_the_paper_methods_in_order_then_the_empirical_ones():
+    paper = ["fp32", "qsgd", "qsgdinf", "nuqsgd", "trn", "alq", "alq-n", "amq", "amq-n"]
+    assert list(METHODS) == [*paper, "alq-e", "alq-einf"]
+    assert (METHODS["alq-e"].norm, METHODS["alq-einf"].norm) == ("l2", "linf")
+    assert len({s.wire_id for s in METHODS.values()}) == len(METHODS)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ from ._levels import (
 )
 from ._methods import METHODS, MethodSpec
 from ._optimize import AlqResult, AmqResult, alq_levels, amq_multiplier
-from ._quantize import QuantizedTensor, bucket_scales, dequantize, quantize
+from ._oracle import OptimalLevels, empirical_variance, optimal_levels
+from ._quantize import QuantizedTensor, bucket_scales, dequantize, normalized_coordinates, quantize
+from ._sketch import LevelSketch, compute_sketch, fit_sketch, merge_sketches, sketch_bins, sketch_variance
 from ._simulate import simulate_workers
 from ._stats import DegenerateStatsError, GradientStats, compute_stats, merge_stats
 from ._variance import expected_variance, variance_gradient
@@ -49,8 +51,10 @@ __all__ = [
     "GradientStats",
     "HEADER_SIZE",
     "Header",
+    "LevelSketch",
     "METHODS",
     "MethodSpec",
+    "OptimalLevels",
     "PayloadError",
     "QuantizedTensor",
     "QuantizerConfig",
@@ -62,23 +66,31 @@ __all__ = [
     "amq_multiplier",
     "bucket_scales",
     "check_header",
+    "compute_sketch",
     "compute_stats",
     "decode",
     "decode_header",
     "default_levels",
     "dequantize",
+    "empirical_variance",
     "encode",
     "encode_header",
     "expected_variance",
     "exponential_levels",
+    "fit_sketch",
+    "merge_sketches",
     "merge_stats",
     "min_multiplier",
+    "normalized_coordinates",
+    "optimal_levels",
     "pack_codes",
     "packed_size",
     "payload_size",
     "quantile_levels",
     "quantize",
     "simulate_workers",
+    "sketch_bins",
+    "sketch_variance",
     "table_checksum",
     "ternary_levels",
     "uniform_levels",

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from ._config import QuantizerConfig
 from ._levels import default_levels, exponential_levels, validate_levels
 from ._optimize import AlqResult, AmqResult, alq_levels, amq_multiplier
+from ._sketch import LevelSketch, fit_sketch, sketch_variance
 from ._stats import GradientStats
 from ._variance import expected_variance
 
@@ -152,7 +153,7 @@ class AdaptiveQuantizer:
         self.version = 0
         self.multiplier: float | None = 0.5 if config.spec.adapt == "amq" else None
         self.step: int | None = None
-        self.last_stats: GradientStats | None = None
+        self.last_stats: GradientStats | LevelSketch | None = None
         self.last_report: UpdateReport | None = None
 
     @property
@@ -177,12 +178,14 @@ class AdaptiveQuantizer:
         self.last_report = report
         return report
 
-    def update(self, stats: GradientStats | None, step: int) -> UpdateReport:
+    def update(self, stats: GradientStats | LevelSketch | None, step: int) -> UpdateReport:
         """Fit new levels to ``stats``; never raises for bad statistics (keeps the old table).
 
         Parameters
         ----------
-        stats : GradientStats or None
+        stats : GradientStats, LevelSketch or None
+            What :func:`alq_core.compute_stats` returns for this quantizer's config: a
+            :class:`LevelSketch` for ``alq-e`` / ``alq-einf``, :class:`GradientStats` else.
         step : int
             The training step (recorded; the caller checks :meth:`due`).
         """
@@ -191,8 +194,14 @@ class AdaptiveQuantizer:
         self.step = step
         if not self.adaptive:
             return self._keep(step, f"method {self.config.method!r} has fixed levels", t0)
+        if self.config.spec.stats == "empirical":
+            return self._update_empirical(stats, step, t0)
         if not isinstance(stats, GradientStats):
-            return self._keep(step, f"no statistics (got {type(stats).__name__})", t0)
+            return self._keep(
+                step,
+                f"no statistics: method {self.config.method!r} needs GradientStats, got {type(stats).__name__}",
+                t0,
+            )
         self.last_stats = stats
         try:
             model = stats.model(self.config.spec.stats)  # type: ignore[arg-type]
@@ -263,6 +272,45 @@ class AdaptiveQuantizer:
         self.last_report = report
         return report
 
+    def _update_empirical(self, stats: object, step: int, t0: float) -> UpdateReport:
+        """The level update of ``alq-e`` / ``alq-einf``: fit the table to a :class:`LevelSketch`."""
+        if not isinstance(stats, LevelSketch):
+            got = type(stats).__name__
+            msg = f"no statistics: method {self.config.method!r} needs a LevelSketch (compute_stats(g, config)), got {got}"
+            return self._keep(step, msg, t0)
+        try:
+            stats.check(self.config)
+        except ValueError as exc:
+            return self._keep(step, f"sketch from another configuration: {exc}", t0)
+        self.last_stats = stats
+        assert self.levels is not None
+        with np.errstate(all="ignore"):
+            before = sketch_variance(stats, self.levels)
+            try:
+                new, after = fit_sketch(stats, self.config.num_levels, previous=self.levels)
+                new = validate_levels(new, num_levels=self.config.num_levels)
+            except (ValueError, ArithmeticError) as exc:
+                return self._keep(step, f"degenerate statistics: {exc}", t0, before)
+        if not math.isfinite(after):
+            return self._keep(step, f"new levels have non-finite variance {after}", t0, before)
+        if math.isfinite(before) and after >= before:
+            new, after = self.levels, before
+        changed = not np.array_equal(new, self.levels)
+        if changed:
+            self.levels = new
+            self.version += 1
+        report = UpdateReport(
+            step=step,
+            updated=changed,
+            reason="updated" if changed else "optimum unchanged",
+            version=self.version,
+            variance_before=_finite_or_none(before),
+            variance_after=after,
+            seconds=time.perf_counter() - t0,
+        )
+        self.last_report = report
+        return report
+
     def state_dict(self) -> dict[str, Any]:
         """Plain data (ints, floats, strings, lists, dicts) restoring this object exactly."""
         return {
@@ -305,7 +353,12 @@ class AdaptiveQuantizer:
         self.sym = bool(state["sym"])
         self.order = str(state["order"])
         ls = state["last_stats"]
-        self.last_stats = None if ls is None else GradientStats.from_dict(ls)
+        if ls is None:
+            self.last_stats = None
+        elif ls.get("kind") == "sketch":
+            self.last_stats = LevelSketch.from_dict(ls)
+        else:
+            self.last_stats = GradientStats.from_dict(ls)
         lr = state["last_report"]
         self.last_report = None if lr is None else UpdateReport(**lr)
 

@@ -27,7 +27,8 @@ class QuantizerConfig:
     ----------
     method : str
         One of :data:`alq_core.METHODS` (``"fp32"``, ``"qsgd"``, ``"qsgdinf"``,
-        ``"nuqsgd"``, ``"trn"``, ``"alq"``, ``"alq-n"``, ``"amq"``, ``"amq-n"``).
+        ``"nuqsgd"``, ``"trn"``, ``"alq"``, ``"alq-n"``, ``"amq"``, ``"amq-n"``, and the
+        empirical-distribution methods ``"alq-e"`` (L2 scale) and ``"alq-einf"`` (max-abs scale)).
     bits : int
         Bits per coordinate, 1..8; ``L = 2**bits`` signed levels. TernGrad always
         uses 2-bit codes (:attr:`code_bits`); full precision ignores it.

@@ -122,13 +122,14 @@ def default_levels(config: QuantizerConfig) -> NDArray[np.float32]:
     """The level table a method starts with.
 
     Fixed methods keep it; adaptive methods start from NUQSGD's exponential
-    levels (``p = 1/2``) until their first level update.
+    levels (``p = 1/2``) until their first level update, or from QSGDinf's uniform
+    levels when they fit the empirical distribution with the max-abs scale (``alq-einf``).
     """
     family = config.spec.levels
     if family == "none":
         msg = "the 'fp32' method has no level table; it sends full precision"
         raise ValueError(msg)
-    if family == "uniform":
+    if family == "uniform" or (config.spec.stats == "empirical" and config.norm == "linf"):
         return uniform_levels(config.bits)
     if family == "ternary":
         return ternary_levels()

@@ -9,7 +9,7 @@ from typing import Literal
 
 LevelFamily = Literal["none", "uniform", "exponential", "ternary", "adaptive"]
 Adapt = Literal["alq", "amq"]
-StatsModel = Literal["norm-based", "norm-less"]
+StatsModel = Literal["norm-based", "norm-less", "empirical"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,9 @@ class MethodSpec:
         Default bucket norm (None for full precision).
     adapt : {"alq", "amq"} or None
         How levels adapt; None for fixed levels.
-    stats : {"norm-based", "norm-less"} or None
-        Which model of the gradient distribution the adaptation fits.
+    stats : {"norm-based", "norm-less", "empirical"} or None
+        Which model of the gradient distribution the adaptation fits: the paper's truncated
+        normals, or the sketch of the empirical distribution (:class:`alq_core.LevelSketch`).
     clip : float or None
         Default clipping multiple of the standard deviation (TernGrad's 2.5).
     """
@@ -63,6 +64,9 @@ _SPECS = (
     MethodSpec("alq-n", 6, "adaptive", "l2", "alq", "norm-less", None),
     MethodSpec("amq", 7, "adaptive", "l2", "amq", "norm-based", None),
     MethodSpec("amq-n", 8, "adaptive", "l2", "amq", "norm-less", None),
+    # beyond the paper: levels fitted to the sketch of the empirical distribution
+    MethodSpec("alq-e", 9, "adaptive", "l2", "alq", "empirical", None),
+    MethodSpec("alq-einf", 10, "adaptive", "linf", "alq", "empirical", None),
 )
 
 #: Every method of SPEC section 1, by name, in the paper's order.

@@ -29,6 +29,7 @@ backend (NumPy, torch, Triton, CUDA) reproduces it bit for bit cheaply.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,7 +240,28 @@ def quantize(
             raise ValueError(msg)
     codes = np.empty(m, dtype=np.uint8)
     inv_gaps = inverse_gaps(table)
+    for lo, hi, v, bad_el in _normalized_blocks(body, scales, bad, config, table):
+        codes[lo:hi] = _round_block(v, u[lo:hi], table, inv_gaps)
+        codes[lo:hi][bad_el] = 0
+    scales[bad] = np.float32(np.nan)
+    tail = flat[m:].copy()
+    return QuantizedTensor(codes, scales, tail, n, config, shape)
+
+
+def _normalized_blocks(
+    body: NDArray[np.float32],
+    scales: NDArray[np.float32],
+    bad: NDArray[np.bool_],
+    config: QuantizerConfig,
+    table: NDArray[np.float32],
+) -> Iterator[tuple[int, int, NDArray[np.float32], NDArray[np.bool_]]]:
+    """Yield ``(lo, hi, v, bad_el)`` block by block: the clamped normalized coordinates of ``body[lo:hi]``.
+
+    Applies clipping (rewriting ``scales`` of the clipped buckets in place) and the pinned
+    arithmetic of the module docstring; ``bad_el`` marks coordinates of non-finite buckets.
+    """
     d = config.bucket_size
+    m = body.size
     per = max(1, _BLOCK // d)
     for b0 in range(0, scales.size, per):
         b1 = min(scales.size, b0 + per)
@@ -255,11 +277,46 @@ def quantize(
         with np.errstate(invalid="ignore", over="ignore"):
             v = seg * r_el
         np.clip(v, table[0], table[-1], out=v)
-        codes[lo:hi] = _round_block(v, u[lo:hi], table, inv_gaps)
-        codes[lo:hi][bad_el] = 0
+        yield lo, hi, v, bad_el
+
+
+def normalized_coordinates(
+    x: ArrayLike, config: QuantizerConfig
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The normalized coordinates the quantizer rounds, and their bucket scales.
+
+    Exactly the ``v`` of the module docstring (clipping applied, clamped to ``[-1, 1]``),
+    so statistics and the level-table oracle see what :func:`quantize` sees.
+
+    Parameters
+    ----------
+    x : array_like of float16, float32 or float64, any shape
+        Flattened in C order.
+    config : QuantizerConfig
+        A quantized method; its bucket size, norm, tail policy and clipping apply.
+
+    Returns
+    -------
+    v : ndarray of float32, shape (config.num_quantized(x.size),)
+        Normalized coordinates in ``[-1, 1]``; 0 in zero buckets and in non-finite buckets.
+    scales : ndarray of float32, shape (config.num_buckets(x.size),)
+        Each bucket's scale (after clipping); NaN for a bucket holding NaN or Inf.
+    """
+    if not isinstance(config, QuantizerConfig) or not config.quantized:
+        msg = f"`config` must be a QuantizerConfig of a quantized method; got {config!r}"
+        raise ValueError(msg)
+    flat = _as_float32(np.asarray(x))
+    m = config.num_quantized(flat.size)
+    body = flat[:m]
+    scales = bucket_scales(body, config)
+    bad = ~np.isfinite(scales)
+    out = np.empty(m, dtype=np.float32)
+    unit = np.array([-1.0, 1.0], dtype=np.float32)
+    for lo, hi, v, bad_el in _normalized_blocks(body, scales, bad, config, unit):
+        v[bad_el] = 0
+        out[lo:hi] = v
     scales[bad] = np.float32(np.nan)
-    tail = flat[m:].copy()
-    return QuantizedTensor(codes, scales, tail, n, config, shape)
+    return out, scales
 
 
 def _clip_segment(seg: NDArray[np.float32], d: int, clip: float) -> NDArray[np.float32]:

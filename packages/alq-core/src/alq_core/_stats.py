@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._config import QuantizerConfig
 from ._distributions import TruncatedNormal, TruncatedNormalMixture
+from ._sketch import LevelSketch, compute_sketch, merge_sketches
 
 Weights = Literal["norm", "norm2"]
 _WEIGHTS = ("norm", "norm2")
@@ -230,13 +232,21 @@ def _bucket_stats(
     return np.concatenate(norms), np.concatenate(means), np.concatenate(stds), x.size - rows * bucket_size
 
 
+@overload
+def compute_stats(
+    samples: ArrayLike | Sequence[ArrayLike], bucket_size: int, *, dist_num: int = ..., weights: Weights = ...
+) -> GradientStats: ...
+@overload
+def compute_stats(
+    samples: ArrayLike | Sequence[ArrayLike], bucket_size: QuantizerConfig, *, dist_num: int = ..., weights: Weights = ...
+) -> GradientStats | LevelSketch: ...
 def compute_stats(
     samples: ArrayLike | Sequence[ArrayLike],
-    bucket_size: int,
+    bucket_size: int | QuantizerConfig,
     *,
     dist_num: int = 50,
     weights: Weights = "norm",
-) -> GradientStats:
+) -> GradientStats | LevelSketch:
     """Statistics of the full buckets of one or several flat gradient samples.
 
     Parameters
@@ -245,8 +255,11 @@ def compute_stats(
         One gradient (any shape, flattened) or a list of them (e.g. several steps or
         workers), each split into buckets of ``bucket_size`` consecutive coordinates.
         The shorter tail bucket of each sample is not used (counted in ``skipped`` as one).
-    bucket_size : int
-        ``d``; at least 2 for any bucket to be usable.
+    bucket_size : int or QuantizerConfig
+        ``d``; at least 2 for any bucket to be usable. A config instead makes the statistics
+        follow its method: a :class:`alq_core.LevelSketch` normalized by the config's bucket
+        scale for the empirical-distribution methods (``alq-e``, ``alq-einf``), the paper's
+        per-bucket statistics at ``config.bucket_size`` for every other method.
     dist_num : int
         Components of the norm-based model (default 50).
     weights : {"norm", "norm2"}
@@ -254,8 +267,12 @@ def compute_stats(
 
     Returns
     -------
-    GradientStats
+    GradientStats, or LevelSketch for a config of an empirical-distribution method
     """
+    if isinstance(bucket_size, QuantizerConfig):
+        if bucket_size.spec.stats == "empirical":
+            return compute_sketch(samples, bucket_size)
+        bucket_size = bucket_size.bucket_size
     dist_num, weights = _check_options(dist_num, weights)
     if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
         msg = f"`bucket_size` must be a positive integer; got {bucket_size!r}"
@@ -282,18 +299,26 @@ def compute_stats(
     return GradientStats(stats.norms, stats.means, stats.stds, stats.sizes, dist_num, weights, stats.skipped + skipped)
 
 
-def merge_stats(parts: Sequence[GradientStats]) -> GradientStats:
-    """Concatenate the statistics of several workers (in order); exact.
+@overload
+def merge_stats(parts: Sequence[GradientStats]) -> GradientStats: ...
+@overload
+def merge_stats(parts: Sequence[LevelSketch]) -> LevelSketch: ...
+def merge_stats(parts: Sequence[GradientStats] | Sequence[LevelSketch]) -> GradientStats | LevelSketch:
+    """Merge the statistics of several workers (in order); exact.
 
     ``merge_stats([compute_stats(a, d), compute_stats(b, d)])`` equals
-    ``compute_stats([a, b], d)``. All parts must share ``dist_num`` and ``weights``.
+    ``compute_stats([a, b], d)``. All parts must share ``dist_num`` and ``weights``
+    (per-bucket statistics, concatenated) or norm and bucket size (sketches, summed).
     """
-    parts = list(parts)
-    if not parts or not all(isinstance(p, GradientStats) for p in parts):
-        msg = f"`parts` must be a non-empty list of GradientStats; got {parts!r}"
+    items = list(parts)
+    if items and all(isinstance(p, LevelSketch) for p in items):
+        return merge_sketches(items)  # type: ignore[arg-type]
+    if not items or not all(isinstance(p, GradientStats) for p in items):
+        msg = f"`parts` must be a non-empty list of GradientStats, or of LevelSketch; got {items!r}"
         raise TypeError(msg)
-    first = parts[0]
-    for p in parts[1:]:
+    stats: list[GradientStats] = items  # type: ignore[assignment]
+    first = stats[0]
+    for p in stats[1:]:
         if (p.dist_num, p.weights) != (first.dist_num, first.weights):
             msg = (
                 "all parts must share dist_num and weights; got "
@@ -301,11 +326,11 @@ def merge_stats(parts: Sequence[GradientStats]) -> GradientStats:
             )
             raise ValueError(msg)
     return GradientStats(
-        norms=np.concatenate([p.norms for p in parts]),
-        means=np.concatenate([p.means for p in parts]),
-        stds=np.concatenate([p.stds for p in parts]),
-        sizes=np.concatenate([p.sizes for p in parts]).astype(np.int64),
+        norms=np.concatenate([p.norms for p in stats]),
+        means=np.concatenate([p.means for p in stats]),
+        stds=np.concatenate([p.stds for p in stats]),
+        sizes=np.concatenate([p.sizes for p in stats]).astype(np.int64),
         dist_num=first.dist_num,
         weights=first.weights,
-        skipped=sum(p.skipped for p in parts),
+        skipped=sum(p.skipped for p in stats),
     )
