@@ -171,3 +171,113 @@ def test_zero_gradient_rows_do_not_break_the_variance() -> None:
     grads[1] = 0
     v = _sim("nuqsgd").reduce(grads, measure=True).variance
     assert v is not None and np.isfinite(v) and v > 0
+
+
+# ------------------------------------------------------------------ exact_mask and measured errors
+def _mask(n: int, seed: int = 0, share: float = 0.2) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(100 + seed)) < share
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "bucket"), [("nuqsgd", 3000, 256), ("qsgdinf", 4096, 1024), ("trn", 3000, 256)]
+)
+def test_exact_mask_sends_masked_coordinates_exactly_and_quantizes_the_rest_as_one_gradient(
+    method: str, n: int, bucket: int
+) -> None:
+    # Aligned, zero-padded and (trn: clipped, unaligned) per-worker-loop paths over the kept coordinates.
+    grads = _grads(k=4, n=n)
+    mask = _mask(n)
+    keep = ~mask
+    masked = SimulatedWorkers(alq_core.QuantizerConfig(method, bits=3, bucket_size=bucket), seed=9, exact_mask=mask)
+    plain = _sim(method, bucket=bucket, seed=9)
+    out = masked.reduce(grads, measure=True)
+    assert torch.equal(out.mean[mask], grads.mean(0)[mask])  # the plain float32 mean, bit for bit
+    deq_plain = plain.dequantized(grads[:, keep])  # the concatenated kept coordinates, same noise stream
+    torch.testing.assert_close(out.mean[keep], deq_plain.mean(0), rtol=0, atol=0)
+    # Same generator state afterwards: both drew exactly the noise of the kept coordinates.
+    assert torch.equal(masked.generator.get_state(), plain.generator.get_state())
+    assert out.metrics is not None and out.variance is not None and out.variance > 0
+
+
+def test_exact_mask_codes_equal_quantizing_the_kept_coordinates_directly() -> None:
+    grads = _grads(k=3, n=2000)
+    mask = _mask(2000, seed=1, share=0.5)
+    sim = SimulatedWorkers(alq_core.QuantizerConfig("qsgd", bits=3, bucket_size=128), seed=5, exact_mask=mask)
+    deq = sim.dequantized(grads)
+    part = grads[:, ~mask]
+    m = part.shape[1]
+    n_pad = -(-m // 128) * 128
+    noise = torch.rand(3 * n_pad, generator=torch.Generator().manual_seed(5))
+    levels = alq_core.default_levels(sim.config)
+    for k in range(3):
+        q = alq_torch.quantize(part[k], levels, sim.config, noise=noise[k * n_pad : k * n_pad + m])
+        torch.testing.assert_close(deq[k, ~mask], alq_torch.dequantize(q, levels), rtol=0, atol=0)
+        assert torch.equal(deq[k, mask], grads[k, mask])
+
+
+def test_exact_mask_statistics_and_bits_are_over_the_quantized_part() -> None:
+    grads = _grads(k=2, n=3000)
+    mask = _mask(3000, seed=2)
+    sim = SimulatedWorkers(alq_core.QuantizerConfig("alq", bits=3, bucket_size=256), exact_mask=mask)
+    got = sim.stats(grads)
+    want = alq_core.compute_stats([row.numpy() for row in grads[:, ~mask]], 256)
+    np.testing.assert_allclose(got.norms, want.norms, rtol=1e-12)
+    e = int(mask.sum())
+    assert sim.num_exact == e
+    assert sim.bits_per_worker(3000) == 8 * alq_core.payload_size(sim.config, 3000 - e) + 32 * e
+    fp = SimulatedWorkers(alq_core.QuantizerConfig("fp32"), exact_mask=mask)
+    assert fp.bits_per_worker(3000) == 8 * alq_core.payload_size(fp.config, 3000)
+    every = SimulatedWorkers(alq_core.QuantizerConfig("qsgd"), exact_mask=torch.ones(100, dtype=torch.bool))
+    assert torch.equal(every.reduce(grads[:, :100]).mean, grads[:, :100].mean(0))
+
+
+def test_exact_mask_is_validated() -> None:
+    cfg = alq_core.QuantizerConfig("qsgd", bits=3, bucket_size=64)
+    with pytest.raises(TypeError, match=r"`exact_mask` must be a 1-D bool torch.Tensor .*; got torch.float32 tensor"):
+        SimulatedWorkers(cfg, exact_mask=torch.zeros(10))
+    with pytest.raises(TypeError, match=r"`exact_mask` must be a 1-D bool torch.Tensor .*; got list"):
+        SimulatedWorkers(cfg, exact_mask=[True, False])  # type: ignore[arg-type]
+    sim = SimulatedWorkers(cfg, exact_mask=torch.zeros(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`exact_mask` covers 10 coordinates but the gradient has n=12"):
+        sim.reduce(torch.zeros(2, 12))
+    with pytest.raises(ValueError, match=r"covers 10 coordinates but the gradient has n=11"):
+        sim.bits_per_worker(11)
+
+
+def test_exact_mask_from_params_marks_1d_tensors() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2, bias=False))
+    mask = alq_torch.exact_mask_from_params(list(net.parameters()))
+    want = [False] * 12 + [True] * 4 + [True] * 8 + [False] * 8
+    assert mask.dtype == torch.bool and mask.tolist() == want
+    assert alq_torch.exact_mask_from_params([]).shape == (0,)
+
+
+def test_reduce_measures_the_error_metrics() -> None:
+    grads = _grads(k=4, n=2048)
+    layers = [("w1", 1000), ("b1", 24), ("w2", 1024)]
+    a, b = _sim("qsgdinf", seed=3), _sim("qsgdinf", seed=3)
+    out = a.reduce(grads, measure=True, layers=layers)
+    want = alq_torch.error_metrics(b.dequantized(grads), grads, layers=layers)
+    assert out.variance == want.variance and out.top_error == want.top_error
+    assert out.top_share == want.top_share and out.avg_error == want.avg_error
+    assert out.layer_errors == want.layers and list(out.layer_errors) == ["w1", "b1", "w2"]
+    assert 0 < out.top_share < 1 and out.top_error > 0
+    # Averaging K independent quantizations shrinks the error of the update below the per-worker one.
+    assert 0 < out.avg_error < out.variance
+    plain = _sim("qsgdinf").reduce(grads)
+    assert plain.top_error is None and plain.metrics is None and plain.layer_errors is None
+    assert _sim("qsgdinf").reduce(grads, measure=True).layer_errors is None
+    fp = _sim("fp32").reduce(grads, measure=True, layers=layers)
+    assert fp.variance == fp.top_error == fp.avg_error == 0.0
+    assert fp.layer_errors == {"w1": 0.0, "b1": 0.0, "w2": 0.0}
+
+
+def test_exact_mask_zeroes_the_error_of_the_masked_layers() -> None:
+    grads = _grads(k=3, n=1024)
+    layers = [("w", 1000), ("b", 24)]
+    mask = torch.zeros(1024, dtype=torch.bool)
+    mask[1000:] = True
+    out = SimulatedWorkers(alq_core.QuantizerConfig("alq", bits=3, bucket_size=256), seed=0, exact_mask=mask).reduce(
+        grads, measure=True, layers=layers
+    )
+    assert out.layer_errors is not None and out.layer_errors["b"] == 0.0 and out.layer_errors["w"] > 0

@@ -198,3 +198,85 @@ def test_batched_worker_gradients_equal_a_loop() -> None:
     g2, l2 = gc(xs, ys)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
     assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- measured errors, --exact-1d
+ERROR_KEYS = ("top_error", "top_share", "avg_error", "err_1d", "err_nd", "worst_layer_error")
+
+
+def test_runs_record_measured_errors_per_log_step_and_at_the_end(digits) -> None:  # type: ignore[no-untyped-def]
+    run = RunConfig(method="alq", bucket_size=256, workers=4, batch_size=8, steps=6, model="mlp-16", log_every=2)
+    res, model, _ = train_run(run, digits, device=CPU, progress=False)
+    assert res is not None and not res.exact_1d
+    logged = [h for h in res.history if "variance" in h]
+    assert len(logged) >= 3
+    for h in logged:
+        for key in ERROR_KEYS:
+            assert math.isfinite(h[key]), (key, h)
+        assert h["top_error"] > 0 and 0 < h["top_share"] < 1 and h["avg_error"] > 0 and h["err_1d"] > 0
+    fe = res.final_errors
+    names = [n for n, p in model.named_parameters()]
+    assert set(fe["layers"]) == set(names) and fe["worst_layer"] in names
+    assert fe["worst_layer_error"] == max(fe["layers"].values())
+    assert fe["top_error"] == logged[-1]["top_error"] and fe["avg_error"] == logged[-1]["avg_error"]
+    # Resume compatibility: the option is absent from the signature unless it is on.
+    assert "exact_1d" not in run.signature()
+    assert RunConfig(exact_1d=True).signature()["exact_1d"] is True
+
+
+def test_cli_exact_1d_sends_1d_tensors_exactly_and_reports_it(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from alq_torch import exact_mask_from_params
+
+    out = tmp_path / "x1d"
+    argv = ["--methods", "alq,qsgdinf,fp32", "--seeds", "0", "--steps", "6", "--update-steps", "0,3", "--exact-1d"]
+    assert main([*argv, *TINY, "--log-every", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1-D tensors exact" in printed
+    for name in ("alq+1d", "qsgdinf+1d", "fp32"):
+        assert f"\n{name} " in printed, name
+    assert "top1% err" in printed and "avg err" in printed and "qvar (own)" in printed
+    assert (out / "errors.png").is_file()
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["settings"]["exact_1d"] is True
+    rows = {r["method"]: r for r in payload["summary"]}
+    assert set(rows) == {"alq+1d", "qsgdinf+1d", "fp32"}
+    assert rows["alq+1d"]["base_method"] == "alq" and rows["alq+1d"]["exact_1d"] is True
+    net = build_model("mlp-16", (64,), 10)
+    mask = exact_mask_from_params(list(net.parameters()))
+    n, e = int(mask.numel()), int(mask.sum())
+    assert (
+        rows["alq+1d"]["bits_per_step"]
+        == 8 * alq_core.payload_size(alq_core.QuantizerConfig("alq", bucket_size=256), n - e) + 32 * e
+    )
+    assert set(payload["same_gradient_variance"]) == {"alq+1d", "qsgdinf+1d", "fp32"}
+    assert rows["alq+1d"]["variance_same_grads"] > 0
+    for m in ("alq+1d", "qsgdinf+1d"):
+        r = rows[m]
+        assert r["err_1d"] == 0.0, r  # the 1-D tensors went exactly
+        assert r["err_nd"] > 0 and r["top_error"] > 0 and r["avg_error"] > 0
+        assert r["worst_layer"].endswith("weight")
+    for run in payload["runs"]:
+        assert run["exact_1d"] is True
+        if run["method"] != "fp32":
+            assert all(h["err_1d"] == 0.0 for h in run["history"] if "variance" in h)
+    with open(out / "results.csv", newline="") as fh:
+        recs = list(csv.DictReader(fh))
+    assert [r["method"] for r in recs] == ["alq+1d", "qsgdinf+1d", "fp32"]
+    assert {"top_error", "avg_error", "err_1d", "worst_layer", "exact_1d"} <= set(recs[0])
+
+
+def test_report_tolerates_results_without_measured_errors() -> None:
+    # DDP runs and results written before the measured errors existed have none of the new keys.
+    from alq_torch.train.report import format_table, summarize
+
+    base = {
+        "method": "qsgd", "seed": 0, "bits": 3, "bucket_size": 64, "workers": 2, "num_params": 100, "steps": 4,
+        "final_val_acc": 0.5, "final_val_loss": 1.0, "final_variance": 0.3, "bits_per_step": 800,
+        "train_seconds": 1.0, "quantize_seconds": 0.1, "update_seconds": 0.0, "num_updates": 0,
+        "history": [{"step": 1.0, "variance": 0.3}],
+    }  # fmt: skip
+    rows = summarize([base])
+    assert rows[0]["method"] == "qsgd" and math.isnan(rows[0]["top_error"]) and rows[0]["worst_layer"] == ""
+    assert rows[0]["variance_run_mean"] == pytest.approx(0.3)
+    line = format_table(rows).splitlines()[2]
+    assert line.split()[0] == "qsgd" and " - " in line

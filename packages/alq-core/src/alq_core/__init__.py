@@ -21,8 +21,8 @@ from ._methods import METHODS, MethodSpec
 from ._optimize import AlqResult, AmqResult, alq_levels, amq_multiplier
 from ._oracle import OptimalLevels, empirical_variance, optimal_levels
 from ._quantize import QuantizedTensor, bucket_scales, dequantize, normalized_coordinates, quantize
-from ._sketch import LevelSketch, compute_sketch, fit_sketch, merge_sketches, sketch_bins, sketch_variance
 from ._simulate import simulate_workers
+from ._sketch import LevelSketch, compute_sketch, fit_sketch, merge_sketches, sketch_bins, sketch_variance
 from ._stats import DegenerateStatsError, GradientStats, compute_stats, merge_stats
 from ._variance import expected_variance, variance_gradient
 from ._wire import (

@@ -53,7 +53,8 @@ class Prefix:
         s1 = self.cum[1][b] - self.cum[1][a]
         s2 = self.cum[2][b] - self.cum[2][a]
         ga, gb = g[a], g[b]
-        return np.maximum(-s2 + (ga + gb) * s1 - ga * gb * s0, 0.0)
+        out: F64 = np.maximum(-s2 + (ga + gb) * s1 - ga * gb * s0, 0.0)
+        return out
 
     def variance(self, idx: I64) -> float:
         """Objective of the table whose levels sit on edges ``idx`` (increasing, ends included)."""

@@ -69,7 +69,7 @@ def _weighted_points(
     if not isinstance(config, QuantizerConfig) or not config.quantized:
         msg = f"`config` must be a QuantizerConfig of a quantized method; got {config!r}"
         raise ValueError(msg)
-    parts = list(samples) if isinstance(samples, (list, tuple)) else [samples]
+    parts: list[ArrayLike] = list(samples) if isinstance(samples, (list, tuple)) else [samples]  # type: ignore[list-item]
     vs, ws = [], []
     for part in parts:
         v, scales = normalized_coordinates(part, config)

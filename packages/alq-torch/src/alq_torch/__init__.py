@@ -6,8 +6,9 @@ CUDA or compiles a kernel.
 """
 
 from ._hook import ALQState, alq_hook
+from ._metrics import ErrorMetrics, error_metrics, top_mask
 from ._quantize import QuantizedTensor, dequantize, quantize
-from ._simulate import SimulatedStep, SimulatedWorkers
+from ._simulate import SimulatedStep, SimulatedWorkers, exact_mask_from_params
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord
 from ._wire import (
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALQState",
     "BucketRecord",
+    "ErrorMetrics",
     "LevelUpdateRecord",
     "QuantizedTensor",
     "SimulatedStep",
@@ -37,10 +39,13 @@ __all__ = [
     "decode_sum",
     "dequantize",
     "encode",
+    "error_metrics",
+    "exact_mask_from_params",
     "pack_codes",
     "prepare_decode_sum",
     "prepare_quantize_encode",
     "quantize",
     "quantize_encode",
+    "top_mask",
     "unpack_codes",
 ]

@@ -7,11 +7,18 @@ weight decay) then acts on that average. Level updates fit the statistics of
 the workers' gradients of the step at which they are due (merged exactly
 across workers by concatenating their per-bucket statistics) with
 :class:`alq_core.AdaptiveQuantizer`.
+
+An optional ``exact_mask`` sends some coordinates (typically the 1-D tensors:
+biases and BatchNorm weights/biases, as PowerSGD and CGX do) exactly in full
+precision: the quantized part is the concatenation of the other coordinates
+(buckets, scales and statistics are over it alone) and the exact part is
+averaged in float32.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from alq_core import QuantizerConfig
 from torch import Tensor
+
+from ._metrics import ErrorMetrics, error_metrics
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,18 @@ class SimulatedStep:
         Wall time of the level update at this step (statistics + fit), 0 if none.
     updated : bool
         True when the level table changed at this step.
+    top_error : float or None
+        Relative error on each worker's largest 1% of coordinates, averaged over
+        workers (measured when asked; see :func:`alq_torch.error_metrics`).
+    top_share : float or None
+        Share of the error energy on those coordinates (NaN when there is no error).
+    avg_error : float or None
+        ``||mean_k Q(g_k) - mean_k g_k||^2 / ||mean_k g_k||^2``: the error of the
+        averaged update the optimizer sees.
+    layer_errors : dict of str to float, or None
+        Per-layer relative error when ``reduce`` got a ``layers`` layout.
+    metrics : alq_torch.ErrorMetrics or None
+        Everything measured (per-layer sums included, for :meth:`ErrorMetrics.group_error`).
     """
 
     mean: Tensor
@@ -47,11 +68,35 @@ class SimulatedStep:
     quantize_seconds: float
     update_seconds: float
     updated: bool
+    top_error: float | None = None
+    top_share: float | None = None
+    avg_error: float | None = None
+    layer_errors: dict[str, float] | None = None
+    metrics: ErrorMetrics | None = None
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def exact_mask_from_params(params: Iterable[Tensor], *, max_ndim: int = 1) -> Tensor:
+    """Boolean mask over the flat gradient of ``params``: True on tensors with ``ndim <= max_ndim``.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The parameters in the order their gradients are concatenated (e.g.
+        ``[p for p in model.parameters() if p.requires_grad]``).
+    max_ndim : int
+        1 selects biases and normalization weights/biases (and scalars).
+
+    Returns
+    -------
+    Tensor of bool, shape (sum of numel,), on CPU
+    """
+    parts = [torch.full((p.numel(),), p.ndim <= max_ndim, dtype=torch.bool) for p in params]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def _ops() -> Any:
@@ -79,6 +124,11 @@ class SimulatedWorkers:
         Norm-based statistics keep the ``dist_num`` largest-norm buckets.
     weights : {"norm", "norm2"}
         Mixture weights of the norm-based model.
+    exact_mask : Tensor of bool, shape (n,), optional
+        Coordinates sent exactly (32 bits each) and averaged in full precision;
+        the others are concatenated and quantized as one flat gradient (bucket
+        layout, scales and level statistics over them alone). Gradients passed
+        later must have ``n`` coordinates. See :func:`exact_mask_from_params`.
 
     Examples
     --------
@@ -98,6 +148,7 @@ class SimulatedWorkers:
         seed: int | None = None,
         dist_num: int = 50,
         weights: Literal["norm", "norm2"] = "norm",
+        exact_mask: Tensor | None = None,
     ) -> None:
         if not isinstance(config, QuantizerConfig):
             msg = f"`config` must be an alq_core.QuantizerConfig; got {type(config).__name__}"
@@ -117,6 +168,19 @@ class SimulatedWorkers:
             self.generator.seed()
         self._levels_version: int | None = None
         self._levels: Tensor | None = None
+        self.exact_mask: Tensor | None = None
+        self._keep: Tensor | None = None
+        if exact_mask is not None:
+            if not isinstance(exact_mask, Tensor) or exact_mask.dtype != torch.bool or exact_mask.ndim != 1:
+                got = (
+                    f"{exact_mask.dtype} tensor of shape {tuple(exact_mask.shape)}"
+                    if isinstance(exact_mask, Tensor)
+                    else type(exact_mask).__name__
+                )
+                msg = f"`exact_mask` must be a 1-D bool torch.Tensor over the flat gradient; got {got}"
+                raise TypeError(msg)
+            self.exact_mask = exact_mask.to(self.device)
+            self._keep = torch.nonzero(~self.exact_mask).reshape(-1)
 
     # ------------------------------------------------------------------ levels
     @property
@@ -130,19 +194,50 @@ class SimulatedWorkers:
             self._levels_version = version
         return self._levels
 
+    @property
+    def num_exact(self) -> int:
+        """Coordinates sent exactly (0 without an ``exact_mask``)."""
+        return 0 if self.exact_mask is None else int(self.exact_mask.numel() - self._keep.numel())  # type: ignore[union-attr]
+
     def bits_per_worker(self, n: int) -> int:
-        """Bits one worker sends per step for ``n`` coordinates: ``8 * alq_core.payload_size``."""
-        return 8 * int(alq_core.payload_size(self.config, int(n)))
+        """Bits one worker sends per step for ``n`` coordinates: ``8 * alq_core.payload_size``.
+
+        With an ``exact_mask`` (quantized methods): the payload of the quantized
+        coordinates plus 32 bits per exact coordinate.
+        """
+        if self.exact_mask is None or not self.config.quantized:
+            return 8 * int(alq_core.payload_size(self.config, int(n)))
+        self._check_mask_length(int(n))
+        e = self.num_exact
+        return 8 * int(alq_core.payload_size(self.config, int(n) - e)) + 32 * e
+
+    def _check_mask_length(self, n: int) -> None:
+        if self.exact_mask is not None and int(self.exact_mask.numel()) != n:
+            msg = (
+                f"`exact_mask` covers {int(self.exact_mask.numel())} coordinates but the gradient has n={n}; "
+                "build the mask from the same parameters the gradient is flattened from"
+            )
+            raise ValueError(msg)
+
+    def quantized_part(self, grads: Tensor) -> Tensor:
+        """The coordinates that are quantized, float32 ``(K, m)``: all of ``grads`` without an ``exact_mask``."""
+        grads = self._check(grads)
+        if self._keep is None:
+            return grads
+        self._check_mask_length(int(grads.shape[1]))
+        return grads.index_select(1, self._keep)
 
     def stats(self, grads: Tensor) -> Any:
         """Merged statistics of the workers' gradients, an :class:`alq_core.GradientStats`.
+
+        With an ``exact_mask``, of the quantized coordinates only (:meth:`quantized_part`).
 
         Parameters
         ----------
         grads : Tensor of float32, shape (K, n)
         """
         ops = _ops()
-        grads = self._check(grads)
+        grads = self.quantized_part(grads)
         k, n = grads.shape
         d = self.config.bucket_size
         if n % d == 0:
@@ -178,6 +273,21 @@ class SimulatedWorkers:
 
     def dequantized(self, grads: Tensor) -> Tensor:
         """Each worker's gradient quantized independently and dequantized, float32 ``(K, n)``.
+
+        With an ``exact_mask``, the masked coordinates are returned unchanged and
+        the others are :meth:`quantized_part` quantized as one flat gradient per
+        worker (the same codes as quantizing that concatenation directly).
+        """
+        grads = self._check(grads)
+        if not self.config.quantized or self._keep is None:
+            return self._dequantized_rows(grads)
+        part = self.quantized_part(grads)
+        if part.shape[1] == 0:
+            return grads
+        return grads.clone().index_copy_(1, self._keep, self._dequantized_rows(part))
+
+    def _dequantized_rows(self, grads: Tensor) -> Tensor:
+        """Quantize + dequantize every row of ``grads`` (K, n) as one flat gradient.
 
         When bucket boundaries can be aligned (``n`` a multiple of the bucket size,
         or no clipping with a quantized tail: each worker's gradient is padded with
@@ -224,7 +334,14 @@ class SimulatedWorkers:
         vals = [self.normalized_variance(self.dequantized(grads), grads) for _ in range(max(1, repeats))]
         return float(np.mean(vals))
 
-    def reduce(self, grads: Tensor, *, step: int | None = None, measure: bool = False) -> SimulatedStep:
+    def reduce(
+        self,
+        grads: Tensor,
+        *,
+        step: int | None = None,
+        measure: bool = False,
+        layers: Sequence[tuple[str, int]] | None = None,
+    ) -> SimulatedStep:
         """Level update if due at ``step``, then quantize each worker's gradient and average.
 
         Parameters
@@ -235,7 +352,12 @@ class SimulatedWorkers:
             The training step; when given and the quantizer's schedule says an
             update is due, the levels are fitted to ``grads`` first.
         measure : bool
-            Also compute the normalized quantization variance of this step.
+            Also measure this step's error: the normalized quantization variance,
+            ``top_error``, ``top_share``, ``avg_error`` (see :func:`alq_torch.error_metrics`;
+            over all ``n`` coordinates, exact ones included with zero error).
+        layers : sequence of (str, int), optional
+            ``(name, numel)`` of every parameter tensor in flat order; with
+            ``measure``, adds per-layer relative errors (``layer_errors``).
         """
         grads = self._check(grads)
         update_s = 0.0
@@ -255,10 +377,21 @@ class SimulatedWorkers:
         mean = deq.mean(dim=0)
         _sync(self.device)
         quant_s = time.perf_counter() - t0 if self.config.quantized else 0.0
-        var: float | None = None
-        if measure:
-            var = 0.0 if not self.config.quantized else self.normalized_variance(deq, grads)
-        return SimulatedStep(mean, var, quant_s, update_s, updated)
+        if not measure:
+            return SimulatedStep(mean, None, quant_s, update_s, updated)
+        m = error_metrics(deq, grads, layers=layers)
+        return SimulatedStep(
+            mean,
+            m.variance,
+            quant_s,
+            update_s,
+            updated,
+            top_error=m.top_error,
+            top_share=m.top_share,
+            avg_error=m.avg_error,
+            layer_errors=m.layers if layers is not None else None,
+            metrics=m,
+        )
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -273,4 +406,4 @@ class SimulatedWorkers:
         self._levels_version = None
 
 
-__all__ = ["SimulatedStep", "SimulatedWorkers"]
+__all__ = ["SimulatedStep", "SimulatedWorkers", "exact_mask_from_params"]

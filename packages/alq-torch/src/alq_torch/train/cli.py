@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 0,
     "log_every": 0,
     "checkpoint_every": 0,
+    "exact_1d": False,
 }
 
 #: Presets: the paper's settings (SPEC section 10). Explicit flags override them.
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ALQ/AMQ optimizer: closed-form 'exact' or the paper's 'gd' [default: exact]",
     )
     g.add_argument("--dist-num", type=int, default=None, help="buckets kept by the norm-based statistics [default: 50]")
+    g.add_argument(
+        "--exact-1d",
+        action="store_true",
+        default=None,
+        help="send 1-D tensors (biases, BatchNorm weights/biases) exactly in fp32 (32 bits each), quantize the rest; "
+        "methods are labelled e.g. 'alq+1d' (simulated workers only)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--workers",
@@ -309,6 +317,7 @@ def _run_config(s: dict[str, Any], method: str, seed: int, steps: int, workers: 
         eval_every=int(s["eval_every"]),
         log_every=int(s["log_every"]),
         checkpoint_every=int(s["checkpoint_every"]),
+        exact_1d=bool(s.get("exact_1d", False)),
     )
 
 
@@ -332,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alq-train`` and ``python -m alq_torch.train``."""
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.exact_1d:
+            raise SystemExit(
+                "alq-train: error: --exact-1d is only implemented for simulated workers, not under torchrun; "
+                "fix: run without torchrun (WORLD_SIZE=1) or drop --exact-1d"
+            )
         from .ddp import main_ddp
 
         return main_ddp(args)
@@ -368,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     print(
         f"alq-train: {len(s['methods'])} methods x {len(s['seeds'])} seeds, {s['bits']} bits, bucket {s['bucket_size']}, "
-        f"K={workers}, {steps} steps, batch {s['batch_size']}/worker, model {s['model']} on {s['data']} "
+        + ("1-D tensors exact, " if s.get("exact_1d") else "")
+        + f"K={workers}, {steps} steps, batch {s['batch_size']}/worker, model {s['model']} on {s['data']} "
         f"({n_train} train / {int(data.y_val.shape[0])} val), device {device}; output -> {out}",
         flush=True,
     )
@@ -445,11 +460,13 @@ def same_gradient_variance(
     The probe gradients are K worker gradients of the final model of the first
     method's run (``fp32`` in the default order) on fixed mini-batches.
     """
-    from .._simulate import SimulatedWorkers
+    from .._simulate import SimulatedWorkers, exact_mask_from_params
     from .loop import _load_checkpoint, make_quantizer
     from .models import build_model
+    from .report import label
 
-    same: dict[str, list[float]] = {m: [] for m in s["methods"]}
+    exact_1d = bool(s.get("exact_1d", False))
+    same: dict[str, list[float]] = {label({"method": m, "exact_1d": exact_1d}): [] for m in s["methods"]}
     for seed in s["seeds"]:
         first = os.path.join(out, "checkpoints", f"{s['methods'][0]}-s{seed}.pt")
         if not os.path.isfile(first):
@@ -462,11 +479,17 @@ def same_gradient_variance(
             if not os.path.isfile(ck):
                 continue
             run = _run_config(s, method, seed, steps, workers)
+            exact = exact_mask_from_params([p for p in model.parameters() if p.requires_grad]) if exact_1d else None
             sim = SimulatedWorkers(
-                run.quantizer_config(), quantizer=make_quantizer(run), device=device, seed=40_000 + seed
+                run.quantizer_config(),
+                quantizer=make_quantizer(run),
+                device=device,
+                seed=40_000 + seed,
+                exact_mask=exact,
             )
             sim.quantizer.load_state_dict(_load_checkpoint(ck)["sim"]["quantizer"])
-            same[method].append(sim.variance(grads, repeats=4) if run.quantizer_config().quantized else 0.0)
+            var = sim.variance(grads, repeats=4) if run.quantizer_config().quantized else 0.0
+            same[label({"method": method, "exact_1d": exact_1d})].append(var)
     return same
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._simulate import SimulatedWorkers
+from .._simulate import SimulatedWorkers, exact_mask_from_params
 from .data import Dataset, WorkerSampler
 from .models import build_model, num_parameters
+from .report import HISTORY_ERROR_KEYS, measured_errors
 
 
 @dataclass
@@ -33,7 +34,8 @@ class RunConfig:
     ``update_steps`` are explicit level-update steps and ``update_every`` the
     period after the last of them (SPEC section 9: ``(0, 100, 2000)`` then every
     10000). ``milestones`` are fractions of ``steps`` where the learning rate is
-    multiplied by 0.1 (the paper's 40k and 60k of 80k).
+    multiplied by 0.1 (the paper's 40k and 60k of 80k). ``exact_1d`` sends the
+    1-D tensors (biases, BatchNorm weights/biases) exactly in full precision.
     """
 
     method: str = "alq"
@@ -56,6 +58,7 @@ class RunConfig:
     eval_every: int = 0
     log_every: int = 0
     checkpoint_every: int = 0
+    exact_1d: bool = False
 
     def quantizer_config(self) -> alq_core.QuantizerConfig:
         """The :class:`alq_core.QuantizerConfig` of this run."""
@@ -82,6 +85,8 @@ class RunConfig:
         out = asdict(self)
         out["milestones"] = list(self.milestones)
         out["update_steps"] = list(self.update_steps)
+        if not self.exact_1d:  # checkpoints written before the option existed still resume
+            del out["exact_1d"]
         return out
 
 
@@ -110,6 +115,8 @@ class RunResult:
     diverged_at: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     levels: list[dict[str, Any]] = field(default_factory=list)
+    exact_1d: bool = False
+    final_errors: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quantize_share(self) -> float:
@@ -371,8 +378,17 @@ def train_run(
     model.train()
     n = num_parameters(model)
     qcfg = run.quantizer_config()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    layout = [(name, p.numel()) for name, p in trained]
+    one_d = [name for name, p in trained if p.ndim <= 1]
+    exact = exact_mask_from_params([p for _, p in trained]) if run.exact_1d else None
     sim = SimulatedWorkers(
-        qcfg, quantizer=make_quantizer(run), device=device, seed=10_000 + run.seed, dist_num=run.dist_num
+        qcfg,
+        quantizer=make_quantizer(run),
+        device=device,
+        seed=10_000 + run.seed,
+        dist_num=run.dist_num,
+        exact_mask=exact,
     )
     sampler = WorkerSampler(data.y_train.shape[0], run.workers, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + run.seed)
@@ -444,7 +460,7 @@ def train_run(
                     "reason": str(getattr(report, "reason", "") or ""),
                 }
             )
-        out = sim.reduce(grads, measure=log_now)
+        out = sim.reduce(grads, measure=log_now, layers=layout if log_now else None)
         gc.set_grad(out.mean)
         opt.step()
         _sync(device)
@@ -457,10 +473,12 @@ def train_run(
         state["last_loss"] = loss
         if log_now:
             state["last_var"] = float(out.variance if out.variance is not None else float("nan"))
+            state["last_errors"] = measured_errors(out, one_d)
         if (step + 1) % eval_every == 0 or step + 1 == run.steps or step == 0 or log_now:
             entry: dict[str, float] = {"step": float(step + 1), "lr": run.lr_at(step), "loss": loss}
             if log_now:
                 entry["variance"] = state["last_var"]
+                entry.update({k: v for k, v in state["last_errors"].items() if k in HISTORY_ERROR_KEYS})
             if (step + 1) % eval_every == 0 or step + 1 == run.steps or step == 0:
                 acc, vloss = evaluate(model, data)
                 entry["val_acc"] = acc
@@ -511,6 +529,8 @@ def train_run(
         diverged_at=diverged,
         history=list(state["history"]),
         levels=list(state["levels"]),
+        exact_1d=run.exact_1d,
+        final_errors=dict(state.get("last_errors", {})),
     )
     return result, model, sim
 

@@ -1,4 +1,12 @@
-"""Reports of a comparison: the Table-1-style table, results.json / results.csv, PNG plots."""
+"""Reports of a comparison: the Table-1-style table, results.json / results.csv, PNG plots.
+
+Besides accuracy and the normalized variance, runs record measured errors that
+say where the quantization error lands (:func:`alq_torch.error_metrics`):
+``top_error`` (relative error on each worker's largest 1% of coordinates),
+``top_share`` (share of the error energy there), ``avg_error`` (error of the
+averaged update the optimizer applies), ``err_1d`` / ``err_nd`` (relative error
+of the 1-D tensors, i.e. biases and norms, and of the rest) and the worst layer.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,15 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .._simulate import SimulatedStep
+
+#: Measured-error keys that the training loop writes into history entries at log steps.
+HISTORY_ERROR_KEYS = ("top_error", "top_share", "avg_error", "err_1d", "err_nd", "worst_layer_error")
 
 #: Columns of results.csv, in order.
 CSV_COLUMNS = (
@@ -30,7 +44,80 @@ CSV_COLUMNS = (
     "update_share",
     "num_updates",
     "diverged",
+    "exact_1d",
+    "top_error",
+    "top_share",
+    "avg_error",
+    "err_1d",
+    "err_nd",
+    "worst_layer",
+    "worst_layer_error",
+    "variance_run_mean",
+    "top_error_run_mean",
+    "avg_error_run_mean",
 )
+
+
+def measured_errors(step: SimulatedStep, one_d: Sequence[str]) -> dict[str, Any]:
+    """The measured errors of one :meth:`SimulatedWorkers.reduce` call (``measure=True``, ``layers=`` given).
+
+    Parameters
+    ----------
+    step : SimulatedStep
+    one_d : sequence of str
+        Names of the 1-D parameter tensors (biases, norm weights/biases).
+
+    Returns
+    -------
+    dict
+        :data:`HISTORY_ERROR_KEYS` (floats; NaN when not measured), ``worst_layer``
+        (name of the layer with the largest relative error) and ``layers``
+        (layer name -> relative error).
+    """
+    nan = float("nan")
+    m = step.metrics
+    if m is None:
+        return {**dict.fromkeys(HISTORY_ERROR_KEYS, nan), "worst_layer": "", "layers": {}}
+    out: dict[str, Any] = {"top_error": m.top_error, "top_share": m.top_share, "avg_error": m.avg_error}
+    if m.layer_names:
+        one = [n for n in one_d if n in set(m.layer_names)]
+        rest = [n for n in m.layer_names if n not in set(one)]
+        worst, worst_err = m.worst_layer()
+        out.update(
+            err_1d=m.group_error(one),
+            err_nd=m.group_error(rest),
+            worst_layer_error=worst_err,
+            worst_layer=worst,
+            layers=m.layers,
+        )
+    else:
+        out.update(err_1d=nan, err_nd=nan, worst_layer_error=nan, worst_layer="", layers={})
+    return out
+
+
+def label(result: dict[str, Any]) -> str:
+    """The method label of a run in tables and plots: ``"alq+1d"`` when the 1-D tensors went exactly."""
+    m = str(result["method"])
+    return f"{m}+1d" if result.get("exact_1d") and m != "fp32" else m
+
+
+def _run_mean(r: dict[str, Any], key: str) -> float:
+    """Mean of ``key`` over a run's logged history entries (finite values)."""
+    return _mean([h[key] for h in r.get("history", []) if h.get(key) is not None])
+
+
+def _worst_layer(rs: Sequence[dict[str, Any]]) -> tuple[str, float]:
+    """The layer with the largest final relative error averaged over seeds."""
+    per: dict[str, list[float]] = {}
+    for r in rs:
+        for name, v in (r.get("final_errors") or {}).get("layers", {}).items():
+            per.setdefault(name, []).append(v)
+    means = [(_mean(v), name) for name, v in per.items()]
+    means = [(v, name) for v, name in means if math.isfinite(v)]
+    if not means:
+        return "", float("nan")
+    v, name = max(means, key=lambda t: t[0])
+    return name, v
 
 
 def _mean(vals: Sequence[float]) -> float:
@@ -48,21 +135,25 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per method (in first-seen order), aggregated over seeds.
 
+    Rows are keyed by :func:`label` (``"alq+1d"`` for runs with ``exact_1d``);
+    ``base_method`` holds the method name.
+
     Parameters
     ----------
     results : sequence of dict
         :meth:`RunResult.to_dict` of every run.
     same_grads : dict, optional
-        Method -> normalized variances of its final levels on the shared probe
+        Method label -> normalized variances of its final levels on the shared probe
         gradients (one per seed).
     """
     order: list[str] = []
     by: dict[str, list[dict[str, Any]]] = {}
     for r in results:
-        if r["method"] not in by:
-            order.append(r["method"])
-            by[r["method"]] = []
-        by[r["method"]].append(r)
+        key = label(r)
+        if key not in by:
+            order.append(key)
+            by[key] = []
+        by[key].append(r)
     fp32_bits = None
     for r in results:
         if r["method"] == "fp32":
@@ -72,13 +163,17 @@ def summarize(
     rows = []
     for m in order:
         rs = by[m]
+        base = str(rs[0]["method"])
         accs = [r["final_val_acc"] for r in rs]
         steps = sum(r["steps"] for r in rs)
         train = sum(r["train_seconds"] for r in rs)
+        final_keys = ("top_error", "top_share", "avg_error", "err_1d", "err_nd")
+        worst = _worst_layer(rs)
         rows.append(
             {
                 "method": m,
-                "bits": rs[0]["bits"] if m != "fp32" else 32,
+                "base_method": base,
+                "bits": rs[0]["bits"] if base != "fp32" else 32,
                 "bucket_size": rs[0]["bucket_size"],
                 "workers": rs[0]["workers"],
                 "seeds": len(rs),
@@ -94,6 +189,13 @@ def summarize(
                 "update_share": sum(r["update_seconds"] for r in rs) / train if train else 0.0,
                 "num_updates": int(rs[0]["num_updates"]),
                 "diverged": sum(1 for r in rs if r.get("diverged_at") is not None),
+                "exact_1d": bool(rs[0].get("exact_1d", False)),
+                **{k: _mean([(r.get("final_errors") or {}).get(k, float("nan")) for r in rs]) for k in final_keys},
+                "worst_layer": worst[0],
+                "worst_layer_error": worst[1],
+                "variance_run_mean": _mean([_run_mean(r, "variance") for r in rs]),
+                "top_error_run_mean": _mean([_run_mean(r, "top_error") for r in rs]),
+                "avg_error_run_mean": _mean([_run_mean(r, "avg_error") for r in rs]),
             }
         )
     return rows
@@ -126,6 +228,8 @@ def format_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) ->
         "val loss",
         "qvar (own)",
         "qvar (same g)",
+        "top1% err",
+        "avg err",
         "wire/step/worker",
         "step ms",
         "quant %",
@@ -144,6 +248,8 @@ def format_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) ->
                 f"{r['val_loss_mean']:.3f}" if math.isfinite(r["val_loss_mean"]) else "-",
                 _fmt_var(r["variance"]),
                 _fmt_var(r["variance_same_grads"]),
+                _fmt_var(r.get("top_error", float("nan"))),
+                _fmt_var(r.get("avg_error", float("nan"))),
                 f"{_fmt_bits(r['bits_per_step'])} ({r['wire_ratio_vs_fp32']:.3f}x)",
                 f"{r['step_ms']:.1f}",
                 f"{100 * r['quantize_share']:.1f}",
@@ -161,7 +267,10 @@ def format_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) ->
     lines.append(
         "qvar = normalized quantization variance ||Q(g)-g||^2/||g||^2 per worker gradient: (own) on the run's "
         "own gradients at its last step; (same g) every method's final levels on one shared set of worker "
-        "gradients. quant % / update % = share of training time spent quantizing+averaging / updating levels."
+        "gradients. top1% err = ||Q(g)-g||^2/||g||^2 on each worker's largest 1% of coordinates; avg err = "
+        "||mean_k Q(g_k) - mean_k g_k||^2/||mean_k g_k||^2, the error of the averaged update (both at the "
+        "last log step). +1d = 1-D tensors (biases, norms) sent exactly in fp32. "
+        "quant % / update % = share of training time spent quantizing+averaging / updating levels."
     )
     return "\n".join(lines)
 
@@ -194,10 +303,10 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _series(results: Sequence[dict[str, Any]], method: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds of ``key`` against step (steps common to all seeds)."""
+    """Mean over seeds of ``key`` against step (steps common to all seeds); ``method`` is a :func:`label`."""
     per_seed = []
     for r in results:
-        if r["method"] != method:
+        if label(r) != method:
             continue
         pts = {int(h["step"]): h[key] for h in r["history"] if h.get(key) is not None and math.isfinite(h[key])}
         per_seed.append(pts)
@@ -208,16 +317,18 @@ def _series(results: Sequence[dict[str, Any]], method: str, key: str) -> tuple[n
 
 
 def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = "") -> list[str]:
-    """Write accuracy.png, variance.png and levels.png into ``out_dir``; return their paths."""
+    """Write accuracy.png, variance.png, errors.png and levels.png into ``out_dir``; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods: list[str] = []
+    base: dict[str, str] = {}
     for r in results:
-        if r["method"] not in methods:
-            methods.append(r["method"])
+        if label(r) not in methods:
+            methods.append(label(r))
+            base[label(r)] = str(r["method"])
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
     paths = []
@@ -243,7 +354,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
-        if m == "fp32":
+        if base[m] == "fp32":
             continue
         x, y = _series(results, m, "variance")
         if x.size:
@@ -256,11 +367,31 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     ax.legend(fontsize=8, ncol=2)
     paths.append(save(fig, "variance.png"))
 
-    adaptive = [m for m in methods if m in ("alq", "alq-n", "amq", "amq-n")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, key, name in (
+        (axes[0][0], "top_error", "relative error on the top 1% of coordinates"),
+        (axes[0][1], "avg_error", r"error of the averaged update $\|\bar Q - \bar g\|^2/\|\bar g\|^2$"),
+    ):
+        for m in methods:
+            if base[m] == "fp32":
+                continue
+            x, y = _series(results, m, key)
+            if x.size and bool(np.all(y > 0)):
+                ax.plot(x, y, label=m, color=colors[m], lw=1.6)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=2)
+    fig.suptitle(f"Measured errors{' — ' + title if title else ''}", fontsize=10)
+    paths.append(save(fig, "errors.png"))
+
+    adaptive = [m for m in methods if base[m] in ("alq", "alq-n", "amq", "amq-n")]
     if adaptive:
         fig, axes = plt.subplots(1, len(adaptive), figsize=(3.6 * len(adaptive), 3.8), sharey=True, squeeze=False)
         for ax, m in zip(axes[0], adaptive):
-            run = next(r for r in results if r["method"] == m)
+            run = next(r for r in results if label(r) == m)
             hist = run["levels"]
             steps = [h["step"] for h in hist] + [run["steps"]]
             table = np.array([h["levels"] for h in hist])
@@ -277,4 +408,14 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     return paths
 
 
-__all__ = ["CSV_COLUMNS", "format_table", "plot_all", "summarize", "write_csv", "write_json"]
+__all__ = [
+    "CSV_COLUMNS",
+    "HISTORY_ERROR_KEYS",
+    "format_table",
+    "label",
+    "measured_errors",
+    "plot_all",
+    "summarize",
+    "write_csv",
+    "write_json",
+]
