@@ -42,3 +42,46 @@ def test_trace_idle_reads_the_committed_trace() -> None:
     trace = HERE / "results" / "ddp_graphs_r6_sockets.profile.ALQ_alq.trace.json.gz"
     text = _run(HERE / "trace_idle.py", trace)
     assert "idle" in text
+
+
+def test_sim_workers_smoke_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("alq_torch")
+    out = tmp_path / "sim.json"
+    text = _run(HERE / "sim_workers.py", "--smoke", "--out", out)
+    assert "bat/floor" in text
+    res = json.loads(out.read_text())
+    assert res["torch"] and res["device"].startswith("CPU")
+    assert [(r["precision"], r["K"]) for r in res["results"]] == [("fp32", 2), ("bf16-cl", 2)]
+    for r in res["results"]:
+        assert set(r["median_ms"]) == {f"{p}{q}" for p in ("floor", "sequential", "batched") for q in ("", "+quant")}
+        assert all(v > 0 for v in r["median_ms"].values())
+    assert res["results"][0]["check"]["grad_rel_err"] < 1e-2
+
+
+def test_pack_cifar10_round_trip(tmp_path: Path) -> None:
+    tree, back, packed = tmp_path / "tree", tmp_path / "back", tmp_path / "c.npz"
+    files = {"train/cat/0000.png": b"\x89PNG one", "train/dog/a.JPG": b"\xff\xd8 two", "test/cat/0000.jpeg": b""}
+    for rel, data in {**files, "README.md": b"not an image", ".alq-cache/x.png": b"hidden"}.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    assert "packed 3 files" in _run(HERE / "pack_cifar10.py", "pack", tree, packed)
+    assert "unpacked 3 files" in _run(HERE / "pack_cifar10.py", "unpack", packed, back)
+    got = {p.relative_to(back).as_posix(): p.read_bytes() for p in back.rglob("*") if p.is_file()}
+    assert got == files
+    cmd = [sys.executable, str(HERE / "pack_cifar10.py"), "unpack", str(packed), str(back)]
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert again.returncode != 0 and "exists; fix: unpack into an empty folder or pass --force" in again.stderr
+
+
+def test_level_quality_smoke_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("alq_torch")
+    out = tmp_path / "lq.json"
+    _run(HERE / "level_quality.py", "--smoke", "--workers", "1", "--out", out)
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert {r["method"] for r in rows} >= {"alq-e", "alq-einf", "optimum-l2", "optimum-linf", "alq", "qsgdinf"}
+    for r in rows:  # nothing beats the optimum of its own scale
+        if not r["method"].startswith("optimum"):
+            assert r["vs_optimum"] >= 1 - 1e-9
+    assert res["summary"]["alq-einf_vs_optimum_max"] <= 1.10
+    assert (tmp_path / "lq.md").read_text().count("| mlp-digits@") == 4
