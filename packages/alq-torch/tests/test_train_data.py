@@ -1,13 +1,18 @@
-"""Data of the harness: digits split, CIFAR-10 python batches (generated in the exact format), synthetic."""
+"""Data of the harness: digits split, CIFAR-10 python batches (generated in the exact format) and image
+trees (tiny PNG/JPEG trees written here), synthetic."""
 
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from alq_torch.train import image_tree
 from alq_torch.train.data import CIFAR_MEAN, WorkerSampler, load_cifar10, load_data, load_digits_data, make_synthetic
+from alq_torch.train.image_tree import CACHE_NAME, CIFAR10_CLASSES, load_image_tree
+from PIL import Image
 
 
 def _write_batch(path: str, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -66,7 +71,7 @@ def test_cifar_transform_normalizes_and_augments_deterministically(cifar_dir) ->
 def test_cifar_missing_directory_says_what_was_expected(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FileNotFoundError, match=r"does not exist. Expected the extracted 'python version'"):
         load_cifar10(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"data_batch_1' is missing"):
+    with pytest.raises(FileNotFoundError, match=r"holds neither layout; expected the extracted 'python version'"):
         load_cifar10(tmp_path)
     with pytest.raises(ValueError, match=r"--data cifar10 needs --data-dir"):
         load_data("cifar10")
@@ -116,3 +121,119 @@ def test_worker_sampler_gives_disjoint_batches_and_resumes() -> None:
     t.load_state_dict(state)
     for _ in range(5):
         assert torch.equal(s.next(), t.next())
+
+
+# --------------------------------------------------------------------------- class-folder image trees
+def _write_tree(root, classes=CIFAR10_CLASSES, n_train=2, n_test=1, fmt="PNG", seed=0):  # type: ignore[no-untyped-def]
+    """Random 32x32 RGB images in ``root/{train,test}/<class>/``; returns {split: [(chw uint8, class name)]}."""
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[tuple[np.ndarray, str]]] = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                hwc = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(hwc).save(folder / f"{i:04d}.{fmt.lower()}", fmt)
+                written[split].append((hwc.transpose(2, 0, 1), cls))
+    return written
+
+
+def test_image_tree_decodes_pixels_with_canonical_labels_and_caches(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "cifar"
+    # write the classes in reverse to show that labels follow CIFAR-10's order, not the folder order
+    written = _write_tree(root, classes=CIFAR10_CLASSES[::-1])
+    ds = load_cifar10(root)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_train.dtype == torch.uint8 and ds.x_val.shape == (10, 3, 32, 32)
+    assert ds.y_train.tolist() == [c for c in range(10) for _ in range(2)] and ds.y_val.tolist() == list(range(10))
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_val, ds.y_val)):
+        for img, cls in written[split]:
+            rows = [i for i in range(len(y)) if CIFAR10_CLASSES[int(y[i])] == cls]
+            assert any(np.array_equal(x[i].numpy(), img) for i in rows), (split, cls)
+    assert (root / ".alq-cache" / CACHE_NAME).is_file()
+    # the second load reads the cache; the parent of exactly one tree works too
+    monkeypatch.setattr(image_tree, "decode_images", _no_decoding)
+    again = load_cifar10(tmp_path)
+    assert torch.equal(again.x_train, ds.x_train) and torch.equal(again.y_val, ds.y_val)
+    # a changed tree is decoded again
+    monkeypatch.undo()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "extra.png")
+    assert load_cifar10(root).x_train.shape[0] == 21
+
+
+def _no_decoding(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise AssertionError("decoded although the cache is current")
+
+
+def test_image_tree_jpeg_other_class_names_and_no_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _write_tree(tmp_path, classes=("zebra", "ant", "mole"), fmt="JPEG")
+    arrays = load_image_tree(tmp_path, num_classes=3, cache=False, progress=None)
+    assert arrays.classes == ("ant", "mole", "zebra")  # sorted folder names
+    assert arrays.y_train.tolist() == [0, 0, 1, 1, 2, 2]
+    with Image.open(tmp_path / "train" / "mole" / "0001.jpeg") as im:
+        np.testing.assert_array_equal(arrays.x_train[3], np.asarray(im).transpose(2, 0, 1))
+    assert not (tmp_path / ".alq-cache").exists()
+
+
+def test_image_tree_cache_falls_back_to_the_user_cache(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "tree"
+    _write_tree(root, classes=("a", "b"), n_train=1)
+    (root / ".alq-cache").write_text("a file where the cache folder would go, like a read-only data folder")
+    monkeypatch.setenv("ALQ_CACHE_DIR", str(tmp_path / "user"))
+    first = load_image_tree(root, num_classes=2)
+    assert len(list((tmp_path / "user").glob("cifar10-uint8-*.npz"))) == 1
+    monkeypatch.setattr(image_tree, "decode_images", _no_decoding)
+    assert np.array_equal(load_image_tree(root, num_classes=2).x_test, first.x_test)
+
+
+def test_image_tree_parallel_decoding_keeps_the_order(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    _write_tree(tmp_path, classes=("a", "b"), n_train=70, n_test=0)
+    rels = [f"train/{c}/{i:04d}.png" for c in "ab" for i in range(70)]
+    one = image_tree.decode_images(str(tmp_path), rels, workers=1)
+    two = image_tree.decode_images(str(tmp_path), rels, workers=2)
+    np.testing.assert_array_equal(one, two)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no progress bar
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        ("no-test", FileNotFoundError, r"has no test/ folder; expected DIR/train/<class>/\*.png\|jpg .*fix: add test/"),
+        ("nine", ValueError, r"has 9 class folders in train/ \(airplane, .*\); expected 10; fix: one folder per class"),
+        ("mismatch", ValueError, r"only in train/: \['truck'\], only in test/: \['lorry'\]; fix: give both splits"),
+        ("empty", ValueError, r"test/ship' holds no images; expected at least one .png/.jpg/.jpeg file; fix:"),
+        ("stray", ValueError, r"train/dog' holds 1 entries that are not .* \(notes.txt\); .*fix: move them out"),
+        ("size", ValueError, r"0000.png' is 32x30 RGB; expected 32x32 RGB \(CIFAR-10\); fix: convert it"),
+        ("gray", ValueError, r"0001.png' is 32x32 L; expected 32x32 RGB"),
+        ("broken", ValueError, r"0000.png' could not be decoded \(.*\); fix: replace or remove it"),
+    ],
+)
+def test_image_tree_errors_name_the_fix(tmp_path, damage, error, match) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "tree"
+    _write_tree(root, n_train=2, n_test=1)
+    if damage == "no-test":
+        shutil.rmtree(root / "test")
+    elif damage == "nine":
+        for split in ("train", "test"):
+            shutil.rmtree(root / split / "truck")
+    elif damage == "mismatch":
+        (root / "test" / "truck").rename(root / "test" / "lorry")
+    elif damage == "empty":
+        (root / "test" / "ship" / "0000.png").unlink()
+    elif damage == "stray":
+        (root / "train" / "dog" / "notes.txt").write_text("hi")
+    elif damage == "size":
+        Image.fromarray(np.zeros((30, 32, 3), np.uint8)).save(root / "train" / "bird" / "0000.png")
+    elif damage == "gray":
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "test" / "frog" / "0001.png")
+    elif damage == "broken":
+        (root / "train" / "cat" / "0000.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(error, match=match):
+        load_cifar10(root, cache=False)
+
+
+def test_a_parent_of_two_trees_is_ambiguous(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("one", "two"):
+        (tmp_path / name / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds 2 image trees \(one, two\); expected one; fix: --data-dir"):
+        load_cifar10(tmp_path)

@@ -1,5 +1,8 @@
 """Data sets of the harness: built-in digits, CIFAR-10 from local files, synthetic.
 
+CIFAR-10 is read from its "python version" batches or from a class-folder image
+tree (decoded and cached by :mod:`alq_torch.train.image_tree`).
+
 Every data set is held as tensors on the training device; mini-batches are drawn
 by :class:`WorkerSampler` from a seeded ``torch.Generator`` so that a run is
 reproducible and a resumed run continues identically.
@@ -16,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .image_tree import find_image_tree, load_image_tree
 
 #: Names accepted by :func:`load_data`.
 DATA_NAMES = ("digits", "cifar10", "synthetic")
@@ -166,15 +171,32 @@ def _cifar_transform(x: Tensor, generator: torch.Generator | None, train: bool) 
     return (xf - mean) / std
 
 
-def load_cifar10(root: str | os.PathLike[str]) -> Dataset:
-    """CIFAR-10 from a local directory in the standard "python version" batch format.
+_CIFAR_LAYOUTS = (
+    "the extracted 'python version' (cifar-10-batches-py/ with data_batch_1..5 and test_batch) or a "
+    "class-folder image tree (train/<class>/*.png|jpg and test/<class>/*.png|jpg)"
+)
+
+
+def load_cifar10(root: str | os.PathLike[str], *, workers: int | None = None, cache: bool = True) -> Dataset:
+    """CIFAR-10 from a local directory: the "python version" batches or a class-folder image tree.
 
     Parameters
     ----------
     root : path
-        Directory holding ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``
-        (each a pickled dict with ``b'data'`` uint8 (N, 3072) and ``b'labels'``),
-        or its parent holding ``cifar-10-batches-py/``.
+        Either a directory holding ``data_batch_1`` ... ``data_batch_5`` and
+        ``test_batch`` (each a pickled dict with ``b'data'`` uint8 (N, 3072) and
+        ``b'labels'``), or its parent holding ``cifar-10-batches-py/``; or an
+        image tree ``train/<class>/*.png|jpg`` and ``test/<class>/*.png|jpg`` of
+        32x32 RGB images (torchvision's ``ImageFolder`` layout), or the parent of
+        exactly one such tree. Class folders named as CIFAR-10's classes get the
+        canonical labels (airplane 0 ... truck 9), others their sorted order.
+    workers : int, optional
+        Processes decoding an image tree; default: the CPUs per local rank, 1 for small trees
+        (:func:`alq_torch.train.image_tree.default_workers`).
+    cache : bool
+        Cache a decoded image tree as uint8 ``.npz`` (``root/.alq-cache/``, or the
+        user cache directory when ``root`` is read-only; see
+        :func:`alq_torch.train.image_tree.load_image_tree`).
 
     Returns
     -------
@@ -184,22 +206,31 @@ def load_cifar10(root: str | os.PathLike[str]) -> Dataset:
         per-channel normalization.
     """
     if root is None or str(root) == "":
-        msg = "CIFAR-10 needs a directory; fix: pass --data-dir /path/to/cifar-10-batches-py"
+        msg = "CIFAR-10 needs a directory; fix: pass --data-dir /path/to/cifar-10-batches-py (or an image tree)"
         raise ValueError(msg)
     path = os.fspath(root)
     if not os.path.isdir(path):
-        msg = (
-            f"CIFAR-10 directory {path!r} does not exist. Expected the extracted 'python version' "
-            "(cifar-10-batches-py/ with data_batch_1..5 and test_batch); fix: --data-dir <that directory>"
-        )
+        msg = f"CIFAR-10 directory {path!r} does not exist. Expected {_CIFAR_LAYOUTS}; fix: --data-dir <that directory>"
         raise FileNotFoundError(msg)
     nested = os.path.join(path, "cifar-10-batches-py")
     if not os.path.exists(os.path.join(path, _CIFAR_TRAIN[0])) and os.path.isdir(nested):
         path = nested
+    if not os.path.exists(os.path.join(path, _CIFAR_TRAIN[0])):
+        tree = find_image_tree(path)
+        if tree is not None:
+            a = load_image_tree(tree, num_classes=10, workers=workers, cache=cache)
+            return _cifar_dataset(a.x_train, a.y_train, a.x_test, a.y_test)
+        msg = f"CIFAR-10 directory {path!r} holds neither layout; expected {_CIFAR_LAYOUTS}; fix: --data-dir <one of them>"
+        raise FileNotFoundError(msg)
     parts = [_read_cifar_batch(os.path.join(path, f)) for f in _CIFAR_TRAIN]
     xt = np.concatenate([p[0] for p in parts])
     yt = np.concatenate([p[1] for p in parts])
     xv, yv = _read_cifar_batch(os.path.join(path, _CIFAR_TEST))
+    return _cifar_dataset(xt, yt, xv, yv)
+
+
+def _cifar_dataset(xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> Dataset:
+    """uint8 (N, 3, 32, 32) images and int64 labels -> the CIFAR-10 :class:`Dataset` (augmented, normalized)."""
     return Dataset(
         "cifar10",
         torch.from_numpy(xt),
@@ -245,7 +276,10 @@ def load_data(name: str, *, data_dir: str | None = None, synthetic_size: int = 1
         return load_digits_data()
     if name == "cifar10":
         if data_dir is None:
-            msg = "--data cifar10 needs --data-dir pointing at the extracted cifar-10-batches-py directory"
+            msg = (
+                "--data cifar10 needs --data-dir pointing at the extracted cifar-10-batches-py directory "
+                "or at a class-folder image tree (train/<class>/, test/<class>/)"
+            )
             raise ValueError(msg)
         return load_cifar10(data_dir)
     if name == "synthetic":
