@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from alq_core import METHODS
 
 if TYPE_CHECKING:
     from .._simulate import SimulatedStep
@@ -387,7 +388,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     fig.suptitle(f"Measured errors{' — ' + title if title else ''}", fontsize=10)
     paths.append(save(fig, "errors.png"))
 
-    adaptive = [m for m in methods if base[m] in ("alq", "alq-n", "amq", "amq-n")]
+    adaptive = [m for m in methods if base[m] in METHODS and METHODS[base[m]].adaptive]
     if adaptive:
         fig, axes = plt.subplots(1, len(adaptive), figsize=(3.6 * len(adaptive), 3.8), sharey=True, squeeze=False)
         for ax, m in zip(axes[0], adaptive):
