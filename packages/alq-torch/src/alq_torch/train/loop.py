@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -245,15 +246,75 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: What a checkpoint may hold besides tensors (the types ``torch.load(weights_only=True)`` reads back).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain_data(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` with numpy arrays as lists and numpy scalars as Python scalars; other types are refused.
+
+    Keeps a checkpoint readable by ``torch.load(..., weights_only=True)``: tensors
+    (RNG states included, which are uint8 tensors), ``dict``, ``list``, ``tuple``,
+    ``str``, ``int``, ``float``, ``bool`` and ``None``. Raises TypeError naming the
+    entry (``where``) for anything else, so a bad checkpoint fails when written.
+    """
+    if isinstance(obj, np.generic):  # before _PLAIN: np.float64 is a float subclass
+        return obj.item()
+    if isinstance(obj, (Tensor, *_PLAIN)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, OrderedDict):  # a module's state_dict(); keep its version metadata
+        out = OrderedDict((k, _plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, dict):
+        return {k: _plain_data(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    msg = (
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only tensors "
+        "and plain data (dict, list, tuple, str, int, float, bool, None); fix: make the state_dict() "
+        "that produced it return plain data"
+    )
+    raise TypeError(msg)
+
+
 def _load_checkpoint(path: str) -> dict[str, Any]:
-    # Our own file, holding numpy arrays of the quantizer state: not weights-only.
-    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+    """Read a checkpoint written by :func:`_save_checkpoint`, weights-only (no arbitrary objects).
+
+    Raises FileNotFoundError when ``path`` is missing and ValueError, naming the
+    file, when it is damaged or holds anything but tensors and plain data.
+    """
+    if not os.path.isfile(path):
+        msg = f"checkpoint {path!r} does not exist; fix: check the path, or start the run without --resume"
+        raise FileNotFoundError(msg)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+        first = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0])
+        msg = (
+            f"checkpoint {path!r} could not be read as a weights-only checkpoint ({type(exc).__name__}: "
+            f"{first[:300]}). alq-torch checkpoints hold only tensors and plain data; this file is damaged, "
+            "not an alq-train checkpoint, or holds other pickled objects (which are never unpickled). "
+            "Fix: delete it and run that run again without --resume"
+        )
+        raise ValueError(msg) from exc
+    if not isinstance(ck, dict):
+        msg = f"checkpoint {path!r} must hold a dict; got {type(ck).__name__}; fix: delete it and run again"
+        raise ValueError(msg)
+    return ck
 
 
 def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` (converted by :func:`_plain_data`) to ``path`` atomically."""
+    plain = _plain_data(state)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    torch.save(plain, tmp)
     os.replace(tmp, path)
 
 
@@ -304,6 +365,10 @@ def _restore(
 ) -> dict[str, Any]:
     """Load the :func:`_snapshot` at ``path`` into the run's objects; returns its progress record."""
     ck = _load_checkpoint(path)
+    missing = sorted({"run", "model", "optimizer", "sampler", "aug", "state", *parts} - set(ck))
+    if missing:
+        msg = f"checkpoint {path!r} lacks {missing}; got keys {sorted(map(str, ck))}; fix: delete it and run again"
+        raise ValueError(msg)
     if ck["run"] != run.signature():
         diff = {k: (ck["run"].get(k), v) for k, v in run.signature().items() if ck["run"].get(k) != v}
         msg = f"checkpoint {path!r} belongs to a different run; differing settings (saved, now): {diff}"
