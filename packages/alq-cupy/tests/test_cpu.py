@@ -252,3 +252,35 @@ def test_nccl_communicator_gets_bytes_or_falls_back_to_signed_chars() -> None:
     assert _new_nccl_comm(Cupy13(), 2, raw, 1) == "comm13"
     assert seen[0] == raw
     assert seen[1] == tuple(b - 256 if b > 127 else b for b in raw)
+
+
+def test_sketch_ops_name_the_pip_command_without_cupy() -> None:
+    proc = _run(
+        """
+        import sys
+        sys.modules["cupy"] = None
+        import alq_cupy, alq_core
+        for op in (alq_cupy.sketch_sums, alq_cupy.level_sketch):
+            try:
+                op([1.0, 2.0], alq_core.QuantizerConfig("alq-einf", bits=3, bucket_size=2))
+            except ImportError as exc:
+                print("ERR", exc)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ERR alq_cupy needs CuPy") == 2 and "alq-cupy[cuda12]" in proc.stdout
+
+
+def test_sketch_kernel_grid_constants_are_the_cores() -> None:
+    """The CUDA sketch kernel hard-codes the grid (bins per sign, first exponent, bins per octave): they must be
+    ``alq_core._sketch``'s, else the GPU bins differ from the core's."""
+    import re
+
+    from alq_core import _sketch as core_sketch
+    from alq_cupy import _kernels
+
+    defines = dict(re.findall(r"#define (ALQ_SK_\w+) (\S+)", _kernels.SOURCE))
+    assert int(defines["ALQ_SK_MAG"]) == core_sketch.MAG_BINS
+    assert int(defines["ALQ_SK_EXP0"]) == 127 - core_sketch.OCTAVES
+    assert core_sketch.PER_OCTAVE == 32 and "(a >> 18) & 31u" in _kernels.SOURCE  # 5 mantissa bits
+    assert core_sketch.NUM_BINS == 1282

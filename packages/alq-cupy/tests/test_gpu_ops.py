@@ -389,3 +389,52 @@ def test_torch_tensor_is_quantized_without_a_copy() -> None:
     assert_payloads_equal(out, want)
     back = torch.from_dlpack(alq_cupy.decode_sum(got, levels, config, 4000))
     assert back.shape == (4000,)
+
+
+# ------------------------------------------------------------------ level sketch (alq-e / alq-einf)
+def _heavy(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(2.0, n) * 1e-3).astype(np.float32)
+    x[rng.integers(0, n, max(1, n // 50))] = 0.0
+    x[:6] = [2.0**-30, -(2.0**-21), 2.0**-20, -0.5, 1.0, -0.0]
+    return x
+
+
+def _assert_sums_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape == (3, 1282)
+    bad = np.argwhere(np.abs(got - want) > 1e-12 * np.abs(want) + 1e-300)
+    assert bad.size == 0, (
+        f"{len(bad)} sums differ, first at {tuple(bad[0])}: {got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "d", "n"),
+    [("alq-e", 256, 20 * 256 + 77), ("alq-einf", 256, 5197), ("alq-e", 1000, 3500), ("trn", 128, 1000),
+     ("alq-einf", 8192, 3 * 8192 + 5), ("alq-e", 16384, 2 * 16384 + 999), ("qsgd", 300, 299)],
+)  # fmt: skip
+def test_sketch_sums_equal_the_core(method: str, d: int, n: int) -> None:
+    config = alq_core.QuantizerConfig(method, bits=3, bucket_size=d)
+    x = _heavy(n, n)
+    x[min(n - 1, d + 3)] = np.nan
+    want = alq_core.compute_sketch(x, config)
+    got = alq_cupy.level_sketch(cp.asarray(x), config)
+    _assert_sums_close(got.sums, want.sums)
+    assert (got.count, got.skipped, got.key) == (want.count, want.skipped, want.key)
+    _assert_sums_close(cp.asnumpy(alq_cupy.sketch_sums(cp.asarray(x).astype(cp.float16), config)),
+                       alq_core.compute_sketch(x.astype(np.float16), config).sums)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["alq-e", "alq-einf"])
+@pytest.mark.parametrize("d", [256, 8192])
+def test_empirical_methods_with_fitted_tables_encode_like_core(method: str, d: int) -> None:
+    """A table fitted to the sketch (arbitrary levels): payload bytes equal the core's on the same noise."""
+    config = alq_core.QuantizerConfig(method, bits=3, bucket_size=d)
+    x = _heavy(3 * d + 77, d)
+    q = alq_core.AdaptiveQuantizer(config)
+    assert q.update(alq_cupy.level_sketch(cp.asarray(x), config), 0).updated
+    levels = q.levels
+    u = np.random.default_rng(1).random(config.num_quantized(x.size), dtype=np.float32)
+    expected = alq_core.encode(alq_core.quantize(x, levels, config, noise=u), levels, table_version=q.version)
+    got = alq_cupy.quantize_encode(cp.asarray(x), levels, config, noise=cp.asarray(u), table_version=q.version)
+    assert_payloads_equal(cp.asnumpy(got), expected)

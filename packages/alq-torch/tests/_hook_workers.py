@@ -193,6 +193,28 @@ def sc_late_mismatch(device: torch.device) -> dict[str, Any]:
     return {"step": None, "error": ""}
 
 
+def sc_sketch(device: torch.device) -> dict[str, Any]:
+    """``alq-einf`` level updates from the sketch: a clean round, a round where rank 1 has a non-finite
+    bucket, and a round of all-zero gradients (nothing to fit: the table is kept)."""
+    rank = dist.get_rank()
+    cfg = QuantizerConfig("alq-einf", bits=3, bucket_size=BUCKET)
+    state = ALQState(cfg, exact_below=0, schedule=[0, 1, 2])
+    out: dict[str, Any] = {"levels": [], "versions": [], "updates": []}
+    for step in range(3):
+        for i, n in enumerate(SIZES):
+            g = local_grad(step, i, rank, n)
+            if step == 1 and rank == 1 and i == 0:
+                g[2 * BUCKET + 3] = np.nan
+            if step == 2:
+                g[:] = 0
+            alq_hook(state, FakeBucket(torch.from_numpy(g).to(device), i, i == len(SIZES) - 1)).wait()  # type: ignore[arg-type]
+        out["levels"].append(state.levels.copy())
+        out["versions"].append(state.table_version)
+        rec = state.telemetry[-1].level_update
+        out["updates"].append(None if rec is None else (rec.updated, rec.reason, rec.num_buckets))
+    return out
+
+
 class _Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -364,6 +386,7 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
     "amp": sc_amp,
     "compiled": sc_compiled,
     "plans": sc_plans,
+    "sketch": sc_sketch,
 }
 
 

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from alq_core import QuantizerConfig, bucket_scales, default_levels, dequantize, quantize
+from alq_core import (
+    AdaptiveQuantizer,
+    QuantizerConfig,
+    bucket_scales,
+    compute_sketch,
+    default_levels,
+    dequantize,
+    quantize,
+)
 from alq_torch import ALQState, alq_hook
 
 pytestmark = pytest.mark.skipif(
@@ -33,6 +41,7 @@ ALL = [
     "amp",
     "compiled",
     "plans",
+    "sketch",
 ]
 
 
@@ -50,7 +59,7 @@ def w2() -> dict[str, list[Any]]:
 
 @pytest.fixture(scope="module")
 def w3() -> dict[str, list[Any]]:
-    return hw.run_group(3, ["methods", "mismatch", "nonfinite"])
+    return hw.run_group(3, ["methods", "mismatch", "nonfinite", "sketch"])
 
 
 # ----------------------------------------------------------------- references
@@ -207,7 +216,7 @@ def test_fp32_is_the_exact_average(world: int, w2: dict[str, list[Any]], w3: dic
 
 def test_adaptive_levels_update_and_versions_advance_in_step(w2: dict[str, list[Any]]) -> None:
     res = _ok(w2["methods"])
-    for method in ("alq", "alq-n", "amq", "amq-n"):
+    for method in ("alq", "alq-n", "amq", "amq-n", "alq-e", "alq-einf"):
         for coll in ("allgather", "reduce_scatter"):
             r0, r1 = res[0][f"{method}/{coll}"], res[1][f"{method}/{coll}"]
             assert r0["versions"] == r1["versions"]
@@ -222,6 +231,71 @@ def test_adaptive_levels_update_and_versions_advance_in_step(w2: dict[str, list[
         assert r0["versions"] == [0, 0, 0] and r0["updates"] == [None, None, None]
         cfg = QuantizerConfig(method, bits=3, bucket_size=hw.BUCKET)
         np.testing.assert_array_equal(r0["levels"][2], default_levels(cfg))
+
+
+def merged_sketch(step: int, world: int, cfg: QuantizerConfig, poison: bool = False) -> Any:
+    """The core's sketch of every rank's DDP buckets of round ``step`` (rank by rank, bucket by bucket)."""
+    samples = []
+    for r in range(world):
+        for i, n in enumerate(hw.SIZES):
+            g = hw.local_grad(step, i, r, n)
+            if poison and r == 1 and i == 0:
+                g[2 * hw.BUCKET + 3] = np.nan
+            samples.append(g)
+    return compute_sketch(samples, cfg)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_empirical_methods_fit_the_merged_sketch_of_all_ranks(
+    world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]
+) -> None:
+    """alq-e / alq-einf: every rank holds the table the core fits to the merged sketch of all ranks' gradients."""
+    check_sketch_methods(_ok((w2 if world == 2 else w3)["methods"]), world)
+
+
+def check_sketch_methods(res: list[dict[str, Any]], world: int) -> None:
+    """The ``methods`` scenario's alq-e / alq-einf tables against the core's fit to the merged sketch."""
+    for method in ("alq-e", "alq-einf"):
+        cfg = QuantizerConfig(method, bits=3, bucket_size=hw.BUCKET)
+        q = AdaptiveQuantizer(cfg, **hw.schedule_kwargs())
+        for step in (0, 1):
+            rep = q.update(merged_sketch(step, world, cfg), step)
+            assert rep.updated or step, rep
+            for coll in ("allgather", "reduce_scatter"):
+                for r in range(world):
+                    got = res[r][f"{method}/{coll}"]
+                    np.testing.assert_array_equal(
+                        got["levels"][step + 1], q.levels, err_msg=f"{method}/{coll} rank {r}"
+                    )
+                    assert got["versions"][step + 1] == q.version
+                assert res[0][f"{method}/{coll}"]["updates"][step][0] == rep.updated
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sketch_updates_skip_nonfinite_buckets_and_keep_the_table_without_data(
+    world: int, w2: dict[str, list[Any]], w3: dict[str, list[Any]]
+) -> None:
+    check_sketch_scenario(_ok((w2 if world == 2 else w3)["sketch"]), world)
+
+
+def check_sketch_scenario(res: list[dict[str, Any]], world: int) -> None:
+    """The ``sketch`` scenario: clean, non-finite and all-zero update rounds."""
+    cfg = QuantizerConfig("alq-einf", bits=3, bucket_size=hw.BUCKET)
+    q = AdaptiveQuantizer(cfg, schedule=[0, 1, 2])
+    for step in (0, 1):
+        q.update(merged_sketch(step, world, cfg, poison=step == 1), step)
+        for r in range(world):
+            np.testing.assert_array_equal(res[r]["levels"][step], q.levels, err_msg=f"round {step} rank {r}")
+    r0 = res[0]
+    buckets = world * sum(-(-n // hw.BUCKET) for n in hw.SIZES)
+    assert r0["updates"][0][2] == buckets
+    assert "1 non-finite buckets left out" in r0["updates"][1][1] and r0["updates"][1][2] == buckets - 1
+    # round 2: every gradient is zero: nothing to fit, the table and its version stay, the reason says why
+    updated, reason, _ = r0["updates"][2]
+    assert not updated and reason, reason
+    for r in range(world):
+        np.testing.assert_array_equal(res[r]["levels"][2], res[r]["levels"][1])
+        assert res[r]["versions"][2] == res[r]["versions"][1] == res[0]["versions"][1]
 
 
 def test_telemetry_bytes_and_measured_variance(w2: dict[str, list[Any]]) -> None:

@@ -16,7 +16,7 @@ import _hook_workers as hw
 import pytest
 import torch
 import torch.distributed as dist
-from test_hook import _ok, check_bits, check_method
+from test_hook import _ok, check_bits, check_method, check_sketch_methods, check_sketch_scenario
 
 BACKENDS = [
     pytest.param(
@@ -32,7 +32,7 @@ BACKENDS = [
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def g2(request: pytest.FixtureRequest) -> dict[str, list[Any]]:
-    names = ["methods", "half", "nonfinite", "mismatch", "late_mismatch", "ddp", "amp", "plans"]
+    names = ["methods", "half", "nonfinite", "mismatch", "late_mismatch", "ddp", "amp", "plans", "sketch"]
     return hw.run_group(2, names, backend=request.param)
 
 
@@ -44,6 +44,13 @@ def test_cuda_every_method_identical_and_within_predicted_variance(g2: dict[str,
         kept, versions = res[0][key]["plans_kept"], res[0][key]["versions"]
         for step in range(1, len(versions)):  # prepared exchanges kept while the level table is
             assert kept[step - 1] == [versions[step] == versions[step - 1]] * len(hw.SIZES), (key, step)
+
+
+def test_cuda_sketch_level_updates_equal_the_core(g2: dict[str, list[Any]]) -> None:
+    """alq-e / alq-einf on the GPU (the Triton sketch kernel): every rank holds the core's table for the
+    merged sketch; non-finite buckets are left out and counted; all-zero rounds keep the table."""
+    check_sketch_methods(_ok(g2["methods"]), 2)
+    check_sketch_scenario(_ok(g2["sketch"]), 2)
 
 
 def test_cuda_prepared_exchanges_of_buckets_ddp_no_longer_has_are_freed(g2: dict[str, list[Any]]) -> None:

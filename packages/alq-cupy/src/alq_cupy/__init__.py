@@ -3,7 +3,8 @@
 CUDA kernels (compiled on first use) for bucket scales, stochastic quantization
 with given or device-generated counter-based noise, bit packing, the payload
 format of ``alq_core`` (same bytes), decoding and summing payloads, per-bucket
-statistics for the adaptive level update, and NCCL collectives with a quantized
+statistics for the adaptive level update (and the level sketch of ``alq-e`` /
+``alq-einf``), and NCCL collectives with a quantized
 all-reduce. Importing this package needs neither CuPy nor a GPU; calling an op
 without them raises an error naming ``pip install 'alq-cupy[cuda12]'`` or
 ``'alq-cupy[cuda13]'``. GPU arrays from torch or JAX are used without a copy
@@ -25,7 +26,7 @@ from ._quantize import (
     quantize_encode,
     unpack_codes,
 )
-from ._stats import bucket_stats, gradient_stats
+from ._stats import bucket_stats, gradient_stats, level_sketch, sketch_sums
 
 __version__ = "0.1.0"
 
@@ -44,9 +45,11 @@ __all__ = [
     "derive_seed",
     "encode",
     "gradient_stats",
+    "level_sketch",
     "nccl_unique_id",
     "pack_codes",
     "quantize",
     "quantize_encode",
+    "sketch_sums",
     "unpack_codes",
 ]

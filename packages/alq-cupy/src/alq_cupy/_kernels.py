@@ -575,6 +575,76 @@ extern "C" __global__ void alq_noise(float* __restrict__ out, const i64 m, const
         out[i] = alq_uniform(key, (u64)(start + i));
     }
 }
+
+/* The level sketch (alq_core._sketch): per bin of the fixed grid, sum s^2, sum s^2 v, sum s^2 v^2 over the
+ * normalized coordinates v = clamp(x * r, -1, 1) that the quantizer rounds (scale, clipping and r = 1/s as in
+ * alq_quantize_body). Persistent blocks walk the buckets b = blockIdx.x, + gridDim.x, ... and add into a
+ * private histogram in shared memory (double atomics), flushed once per block into hist (global atomics).
+ * The bin of v from the bits of |v|: e = bits >> 23, m = 0 if e < EXP0 else min(1 + (e - EXP0) * 32 +
+ * ((bits >> 18) & 31), MAG - 1), bin = MAG + m if v >= 0 else MAG - 1 - m. Buckets with a non-finite scale
+ * add nothing; their scale is written as NaN (the caller counts them). */
+#define ALQ_SK_MAG 641
+#define ALQ_SK_NB (2 * ALQ_SK_MAG)
+#define ALQ_SK_EXP0 107
+extern "C" __global__ void __launch_bounds__(256) alq_sketch(const float* __restrict__ x, const i64 m, const i64 d,
+                                                            const int linf, const double clip,
+                                                            float* __restrict__ scales, double* __restrict__ hist) {
+    __shared__ double h[3 * ALQ_SK_NB];
+    __shared__ double red[33];
+    __shared__ float redf[33];
+    const int tid = threadIdx.x, nt = blockDim.x;
+    for (int i = tid; i < 3 * ALQ_SK_NB; i += nt) h[i] = 0.0;
+    __syncthreads();
+    const i64 nbk = (m + d - 1) / d;
+    for (i64 b = blockIdx.x; b < nbk; b += gridDim.x) {
+        const i64 base = b * d;
+        const int len = (int)((m - base) < d ? (m - base) : d);
+        const float* xb = x + base;
+        float s = alq_scale(xb, 0, len, linf, 0, 0.0f, red, redf);
+        const int bad = !isfinite(s);
+        const int clip_on = (clip > 0.0) && !bad;
+        float t = 0.0f;
+        if (clip_on) {
+            double sum = 0.0;
+            for (int i = tid; i < len; i += nt) sum += (double)xb[i];
+            const double mean = alq_block_sum(sum, red) / (double)len;
+            double q = 0.0;
+            for (int i = tid; i < len; i += nt) {
+                const double dv = (double)xb[i] - mean;
+                q += dv * dv;
+            }
+            const double sd = sqrt(alq_block_sum(q, red) / (double)len);
+            t = (float)(clip * sd);
+            s = alq_scale(xb, 0, len, linf, 1, t, red, redf);
+        }
+        if (tid == 0) scales[b] = bad ? __uint_as_float(ALQ_NAN_BITS) : s;
+        const double w = bad ? 0.0 : (double)s * (double)s;
+        if (!(w > 0.0)) continue;          /* uniform across the block */
+        float r = 1.0f / s;
+        if (!isfinite(r)) r = 0.0f;
+        for (int i = tid; i < len; i += nt) {
+            float xv = xb[i];
+            if (clip_on) xv = fminf(fmaxf(xv, -t), t);
+            const float v = fminf(fmaxf(xv * r, -1.0f), 1.0f);
+            const unsigned int a = __float_as_uint(v) & 0x7fffffffu;
+            const int e = (int)(a >> 23);
+            int mg = 1 + (e - ALQ_SK_EXP0) * 32 + (int)((a >> 18) & 31u);
+            mg = (e < ALQ_SK_EXP0) ? 0 : (mg < ALQ_SK_MAG - 1 ? mg : ALQ_SK_MAG - 1);
+            const int bin = (v < 0.0f) ? (ALQ_SK_MAG - 1 - mg) : (ALQ_SK_MAG + mg);
+            atomicAdd(&h[bin], w);
+            if (v != 0.0f) {
+                const double v64 = (double)v;
+                const double wv = w * v64;
+                atomicAdd(&h[ALQ_SK_NB + bin], wv);
+                atomicAdd(&h[2 * ALQ_SK_NB + bin], wv * v64);
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < 3 * ALQ_SK_NB; i += nt) {
+        if (h[i] != 0.0) atomicAdd(&hist[i], h[i]);
+    }
+}
 """
 
 #: NVRTC flags that the bit-exactness contract depends on (never add --use_fast_math, never -ftz=true).
@@ -814,6 +884,28 @@ def launch_bucket_stats(x: Any, d: int) -> tuple[Any, Any, Any]:
     if k:
         kernel("alq_bucket_stats")((k,), (threads_for(d),), (ptr(x), np.int64(d), ptr(norms), ptr(means), ptr(stds)))
     return norms, means, stds
+
+
+#: Sketch blocks per multiprocessor (persistent blocks; each flushes its shared histogram once).
+SKETCH_BLOCKS_PER_SM = 4
+
+
+def launch_sketch(x: Any, m: int, d: int, linf: bool, clip: float | None) -> tuple[Any, Any]:
+    """Sketch sums of the first ``m`` coordinates of flat float32 ``x``: float64 ``(3, 1282)`` and the bucket
+    scales (float32 ``(ceil(m/d),)``, NaN where not finite)."""
+    cp = require_cupy()
+    nb = -(-m // d)
+    hist = cp.zeros((3, 1282), dtype=cp.float64)
+    scales = cp.empty(nb, dtype=cp.float32)
+    if nb:
+        sms = int(cp.cuda.Device().attributes["MultiProcessorCount"])
+        blocks = max(1, min(nb, SKETCH_BLOCKS_PER_SM * sms))
+        kernel("alq_sketch")(
+            (blocks,),
+            (256,),
+            (ptr(x), np.int64(m), np.int64(d), np.int32(int(linf)), np.float64(clip or 0.0), ptr(scales), ptr(hist)),
+        )
+    return hist, scales
 
 
 def launch_pack(codes: Any, bits: int, out: Any) -> None:

@@ -1,9 +1,16 @@
-"""Per-bucket gradient statistics on the GPU, handed to ``alq_core`` for the level update.
+"""Gradient statistics on the GPU, handed to ``alq_core`` for the level update.
 
 The device reduces each *full* bucket ``B`` of the flat gradient to ``||B||_2``
 and the mean and population standard deviation of ``w = B / ||B||`` (SPEC
 section 5), all in float64; ``alq_core.GradientStats.from_buckets`` builds the
 models and the level optimizers run on the host.
+
+For ``alq-e`` / ``alq-einf`` the device computes the level sketch instead
+(:func:`sketch_sums`): per bin of ``alq_core``'s fixed grid the float64 sums of
+``s^2``, ``s^2 v``, ``s^2 v^2`` over the normalized coordinates ``v`` the
+quantizer rounds (same scale, clipping and reciprocal as the quantize kernel, so
+the same ``v`` and the same bins as ``alq_core.compute_sketch``; the sums agree to
+float64 rounding, the order of the additions differs).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 from . import _kernels as K
 from ._backend import as_cupy, require_cupy
-from ._quantize import _flat32
+from ._quantize import _check_config, _clip, _flat32
 
 
 def bucket_stats(x: Any, bucket_size: int) -> tuple[Any, Any, Any, Any]:
@@ -89,3 +96,57 @@ def gradient_stats(
     sizes = [int(as_cupy(s).size) for s in items]
     tails = sum(1 for k in sizes if k % bucket_size) if bucket_size >= 2 else sum(sizes)
     return dataclasses.replace(stats, skipped=stats.skipped + tails)
+
+
+def _sketch_parts(x: Any, config: Any) -> tuple[Any, Any]:
+    config = _check_config(config)
+    if not config.quantized:
+        msg = f"`config` must be a quantized method (the sketch summarizes what is rounded); got {config.method!r}"
+        raise ValueError(msg)
+    flat, _ = _flat32(x)
+    m = config.num_quantized(int(flat.size))
+    if m >= 2**31 - 1:
+        msg = f"the sketch kernel handles fewer than 2**31 coordinates per call; got {m}"
+        raise ValueError(msg)
+    return K.launch_sketch(flat, m, config.bucket_size, config.norm == "linf", _clip(config))
+
+
+def sketch_sums(x: Any, config: Any) -> Any:
+    """Per-bin sums of the level sketch of one flat gradient (``alq_core.compute_sketch``'s ``sums``).
+
+    Parameters
+    ----------
+    x : CuPy/DLPack/host array of float16, float32 or float64, any shape
+        One gradient sample, flattened in C order and bucketed as ``config`` quantizes it.
+    config : alq_core.QuantizerConfig
+        A quantized method; its bucket size, norm, tail policy and clipping apply.
+
+    Returns
+    -------
+    cupy.ndarray of float64, shape (3, 1282)
+        Per bin ``sum s^2``, ``sum s^2 v``, ``sum s^2 v^2``; buckets holding NaN or Inf add nothing.
+        Equal to the core's up to float64 summation order (the bins are identical).
+    """
+    return _sketch_parts(x, config)[0]
+
+
+def level_sketch(x: Any, config: Any) -> Any:
+    """``alq_core.LevelSketch`` of one flat gradient, summed on the GPU (copies ``(3, 1282)`` floats to the host).
+
+    Parameters
+    ----------
+    x : CuPy/DLPack/host array of float16, float32 or float64, any shape
+    config : alq_core.QuantizerConfig
+        A quantized method.
+
+    Returns
+    -------
+    alq_core.LevelSketch
+        ``count`` the quantized coordinates, ``skipped`` the buckets holding NaN or Inf.
+    """
+    cp = require_cupy()
+    core = importlib.import_module("alq_core")
+    hist, scales = _sketch_parts(x, config)
+    n = int(as_cupy(x).size)
+    skipped = int(cp.count_nonzero(cp.isnan(scales))) if scales.size else 0
+    return core.LevelSketch.from_sums(hist.get(), config, count=config.num_quantized(n), skipped=skipped)

@@ -9,6 +9,7 @@ from ._hook import ALQState, alq_hook
 from ._metrics import ErrorMetrics, error_metrics, top_mask
 from ._quantize import QuantizedTensor, dequantize, quantize
 from ._simulate import SimulatedStep, SimulatedWorkers, exact_mask_from_params
+from ._sketch import level_sketch, sketch_sums
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord
 from ._wire import (
@@ -41,11 +42,13 @@ __all__ = [
     "encode",
     "error_metrics",
     "exact_mask_from_params",
+    "level_sketch",
     "pack_codes",
     "prepare_decode_sum",
     "prepare_quantize_encode",
     "quantize",
     "quantize_encode",
+    "sketch_sums",
     "top_mask",
     "unpack_codes",
 ]

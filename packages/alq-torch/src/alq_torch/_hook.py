@@ -21,9 +21,13 @@ Two collectives (SPEC section 10):
 (default 4) and ``reduce_scatter`` above.
 
 Level tables are identical on all ranks: at a level-update round, every rank's
-per-bucket statistics are all-gathered, rank 0 fits the new table with the
-core's :class:`alq_core.AdaptiveQuantizer` and broadcasts the quantizer's whole
-state, so every rank holds the same table, version and optimizer state. Every
+per-bucket statistics are all-gathered (for ``alq-e`` / ``alq-einf``: the sums
+of its level sketch, computed on the device, a fixed ``3 x 1282`` float64 array
+summed over its DDP buckets; rank 0 adds the ranks' sums in rank order), rank 0
+fits the new table with the core's :class:`alq_core.AdaptiveQuantizer` and
+broadcasts the quantizer's whole state, so every rank holds the same table,
+version and optimizer state. A failed or degenerate fit keeps the old table and
+says why in the round's :class:`LevelUpdateRecord`. Every
 payload carries the table version and checksum; a mismatch raises
 :class:`alq_core.PayloadError`.
 
@@ -45,7 +49,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from alq_core import PayloadError, QuantizerConfig, payload_size
+from alq_core._sketch import NUM_BINS
 
+from ._sketch import _sketch_parts
 from ._stats import bucket_stats
 from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, _Span, current_stream
 from ._wire import decode_sum, prepare_decode_sum, prepare_quantize_encode
@@ -533,36 +539,8 @@ class ALQState:
         before = self.table_version
         group = self.process_group
         world = self._world
-        if self._stats:
-            local = torch.cat(self._stats, dim=1).contiguous()  # (4, K) float64
-        else:
-            local = torch.zeros(4, 0, dtype=torch.float64, device=device)
-        k = local.shape[1]
-        gathered = torch.empty(world * 4 * k, dtype=torch.float64, device=device)
-        if k:
-            _all_gather_flat(gathered, local.reshape(-1), group, async_op=False)
-        rows = gathered.reshape(world, 4, k).permute(1, 0, 2).reshape(4, world * k).cpu().numpy()
-        reason = ""
-        payload: list[Any] = [None, "", 0]
-        if self._rank == 0:
-            norms, means, stds, sizes = rows
-            ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)
-            try:
-                stats = alq_core.GradientStats.from_buckets(
-                    norms[ok],
-                    means[ok],
-                    stds[ok],
-                    sizes[ok].astype(np.int64),
-                    dist_num=self.dist_num,
-                    weights=self.stats_weights,  # type: ignore[arg-type]
-                )
-                report = self.quantizer.update(stats, self.step)
-                reason = str(getattr(report, "reason", "") or "updated")
-            except Exception as exc:  # a failed fit must never stop training
-                reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
-            if not ok.all():
-                reason += f" ({int((~ok).sum())} non-finite or zero buckets left out)"
-            payload = [self.quantizer.state_dict(), reason, int(ok.sum())]
+        fit = self._fit_sketch if self.config.spec.stats == "empirical" else self._fit_buckets
+        payload = fit(device)  # every rank takes part in the all-gather; only rank 0 fits
         if world > 1:
             src = dist.get_global_rank(group, 0) if group is not None else 0
             dist.broadcast_object_list(payload, src=src, group=group, device=device)
@@ -581,6 +559,71 @@ class ALQState:
             seconds=time.perf_counter() - t0,
             levels=tuple(float(v) for v in lv) if lv is not None else (),
         )
+
+    def _fit_buckets(self, device: torch.device) -> list[Any]:
+        """All-gather every rank's per-bucket statistics; rank 0 fits. Returns ``[state, reason, buckets used]``
+        on rank 0 (the broadcast payload), ``[None, "", 0]`` elsewhere."""
+        if self._stats:
+            local = torch.cat(self._stats, dim=1).contiguous()  # (4, K) float64
+        else:
+            local = torch.zeros(4, 0, dtype=torch.float64, device=device)
+        world = self._world
+        k = local.shape[1]
+        gathered = torch.empty(world * 4 * k, dtype=torch.float64, device=device)
+        if k:
+            _all_gather_flat(gathered, local.reshape(-1), self.process_group, async_op=False)
+        rows = gathered.reshape(world, 4, k).permute(1, 0, 2).reshape(4, world * k).cpu().numpy()
+        if self._rank != 0:
+            return [None, "", 0]
+        reason = ""
+        norms, means, stds, sizes = rows
+        ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)
+        try:
+            stats = alq_core.GradientStats.from_buckets(
+                norms[ok],
+                means[ok],
+                stds[ok],
+                sizes[ok].astype(np.int64),
+                dist_num=self.dist_num,
+                weights=self.stats_weights,  # type: ignore[arg-type]
+            )
+            report = self.quantizer.update(stats, self.step)
+            reason = str(getattr(report, "reason", "") or "updated")
+        except Exception as exc:  # a failed fit must never stop training
+            reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
+        if not ok.all():
+            reason += f" ({int((~ok).sum())} non-finite or zero buckets left out)"
+        return [self.quantizer.state_dict(), reason, int(ok.sum())]
+
+    def _fit_sketch(self, device: torch.device) -> list[Any]:
+        """``alq-e`` / ``alq-einf``: all-gather every rank's sketch sums (fixed size), sum them on rank 0 in rank
+        order and fit the table to the merged :class:`alq_core.LevelSketch`. Returns what :meth:`_fit_buckets` does."""
+        size = 3 * NUM_BINS + 3
+        if self._stats:
+            local = torch.stack(self._stats).sum(dim=0)  # this rank's DDP buckets, in order
+        else:
+            local = torch.zeros(size, dtype=torch.float64, device=device)
+        world = self._world
+        gathered = torch.empty(world * size, dtype=torch.float64, device=device)
+        _all_gather_flat(gathered, local.contiguous(), self.process_group, async_op=False)
+        rows = gathered.reshape(world, size).cpu().numpy()
+        if self._rank != 0:
+            return [None, "", 0]
+        total = rows[0].copy()
+        for row in rows[1:]:
+            total += row
+        count, skipped, buckets = (round(float(v)) for v in total[3 * NUM_BINS :])
+        try:
+            sketch = alq_core.LevelSketch.from_sums(
+                total[: 3 * NUM_BINS].reshape(3, NUM_BINS), self.config, count=count, skipped=skipped
+            )
+            report = self.quantizer.update(sketch, self.step)
+            reason = str(getattr(report, "reason", "") or "updated")
+        except Exception as exc:  # a failed fit must never stop training
+            reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
+        if skipped:
+            reason += f" ({skipped} non-finite buckets left out)"
+        return [self.quantizer.state_dict(), reason, buckets - skipped]
 
     # -------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -687,8 +730,7 @@ class ALQState:
             and flat.numel() >= max(self.exact_below, 1)
             and flat.numel() >= self.config.bucket_size
         ):
-            norms, means, stds, sizes = bucket_stats(flat, self.config.bucket_size)
-            self._stats.append(torch.stack([norms, means, stds, sizes.to(torch.float64)]))
+            self._stats.append(self._local_stats(flat))
         try:
             if mode == "local":
                 fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
@@ -705,6 +747,21 @@ class ALQState:
                     del self._plans[stale]
                 self._end_round(flat.device)
         return fut
+
+    def _local_stats(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's statistics of one DDP bucket for the level update, on its device (no sync): the sketch
+        sums, then quantized coordinates, non-finite buckets and buckets, float64 ``(3 * NUM_BINS + 3,)``, for
+        ``alq-e`` / ``alq-einf``; the per-bucket ``(norm, mean, std, size)`` rows, float64 ``(4, K)``, else."""
+        cfg = self.config
+        if cfg.spec.stats == "empirical":
+            sums, bad = _sketch_parts(flat, cfg)
+            n = flat.numel()
+            counts = torch.tensor([cfg.num_quantized(n), 0.0, cfg.num_buckets(n)], dtype=torch.float64)
+            counts = counts.to(flat.device, non_blocking=True)
+            counts[1] = bad.sum()
+            return torch.cat([sums.reshape(-1), counts])
+        norms, means, stds, sizes = bucket_stats(flat, cfg.bucket_size)
+        return torch.stack([norms, means, stds, sizes.to(torch.float64)])
 
     def _timed(self, rec: BucketRecord, name: str, device: torch.device) -> _Span | None:
         if not self.timing:

@@ -1038,3 +1038,83 @@ def decode_sum(
 ) -> None:
     """:func:`prepare_decode_sum` launched once."""
     prepare_decode_sum(payloads, table, config, m, codes_off, out, scale, check)()
+
+
+# ----------------------------------------------------------------------------------------------
+# level sketch (alq-e / alq-einf statistics): per-bin sums of s^2, s^2 v, s^2 v^2
+
+#: Copies of the sketch histogram the programs spread their atomic adds over (``pid % copies``).
+TUNING.setdefault("sketch_block", 4096)  # elements per program (power of two)
+TUNING.setdefault("sketch_warps", 8)
+TUNING.setdefault("sketch_copies", 64)
+
+
+@triton.jit
+def _sketch_kernel(
+    x_ptr, r_ptr, w_ptr, hist_ptr, m, d,
+    BLOCK: tl.constexpr, NB: tl.constexpr, MAG: tl.constexpr, EXP0: tl.constexpr, PER: tl.constexpr,
+    COPIES: tl.constexpr,
+):  # fmt: skip
+    """Add the sketch sums of ``BLOCK`` coordinates into histogram copy ``pid % COPIES`` (float64 atomics).
+
+    ``r`` float32 (nb,): the buckets' reciprocal scales (the core's ``reciprocal_scales``); ``w`` float64
+    (nb,): ``s^2``, 0 in non-finite buckets. ``v = clamp(x * r, -1, 1)`` (one float32 rounding), and the
+    bin from the bits of ``|v|`` exactly as ``alq_core.sketch_bins``. Coordinates of weight 0 add nothing.
+    """
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < m
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = offs // d
+    r = tl.load(r_ptr + b, mask=mask, other=0.0)
+    w = tl.load(w_ptr + b, mask=mask, other=0.0)
+    use = mask & (w > 0)
+    v = tl.minimum(tl.maximum(x * r, -1.0), 1.0)
+    v = tl.where(use, v, 0.0)
+    a = tl.abs(v).to(tl.int32, bitcast=True)
+    e = a >> 23
+    mag = tl.minimum(1 + (e - EXP0) * PER + ((a >> 18) & (PER - 1)), MAG - 1)
+    mag = tl.where(e < EXP0, 0, mag)
+    bins = tl.where(v < 0, MAG - 1 - mag, MAG + mag)
+    v64 = v.to(tl.float64)
+    wv = w * v64
+    base = hist_ptr + (pid % COPIES) * (3 * NB) + bins
+    tl.atomic_add(base, w, mask=use, sem="relaxed")
+    nz = use & (v != 0)
+    tl.atomic_add(base + NB, wv, mask=nz, sem="relaxed")
+    tl.atomic_add(base + 2 * NB, wv * v64, mask=nz, sem="relaxed")
+
+
+def sketch_sums(body: torch.Tensor, recip: torch.Tensor, weights: torch.Tensor, bucket_size: int) -> torch.Tensor:
+    """Per-bin sums ``(sum w, sum w v, sum w v^2)`` of the coordinates ``body``: float64 ``(3, NUM_BINS)``.
+
+    Parameters
+    ----------
+    body : Tensor of float16, bfloat16 or float32, shape (m,), contiguous
+        The quantized coordinates (clipped already where the config clips).
+    recip : Tensor of float32, shape (ceil(m / bucket_size),)
+        ``float32(1 / s)`` per bucket, 0 where not finite.
+    weights : Tensor of float64, same shape as ``recip``
+        ``s^2`` per bucket, 0 in non-finite buckets.
+    bucket_size : int
+
+    The summation order depends on the scheduling of the atomic adds: results agree with
+    :func:`alq_core.compute_sketch` to float64 rounding, not bit for bit.
+    """
+    from alq_core._sketch import MAG_BINS, NUM_BINS, OCTAVES, PER_OCTAVE
+
+    m = body.numel()
+    if m >= 2**31 - 2 * int(TUNING["sketch_block"]):
+        msg = f"the sketch kernel handles fewer than 2**31 coordinates per call; got {m}"
+        raise ValueError(msg)
+    copies = int(TUNING["sketch_copies"])
+    hist = torch.zeros(copies, 3, NUM_BINS, dtype=torch.float64, device=body.device)
+    if m:
+        block = int(TUNING["sketch_block"])
+        interp = _interpret()
+        extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["sketch_warps"]), "enable_fp_fusion": False}
+        _sketch_kernel[(-(-m // block),)](
+            body, recip, weights, hist, m, bucket_size,
+            BLOCK=block, NB=NUM_BINS, MAG=MAG_BINS, EXP0=127 - OCTAVES, PER=PER_OCTAVE, COPIES=copies, **extra,
+        )  # fmt: skip
+    return hist.sum(dim=0)
