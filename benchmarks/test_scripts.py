@@ -53,9 +53,10 @@ def test_sim_workers_smoke_on_cpu(tmp_path: Path) -> None:
     assert res["torch"] and res["device"].startswith("CPU")
     assert [(r["precision"], r["K"]) for r in res["results"]] == [("fp32", 2), ("bf16-cl", 2)]
     for r in res["results"]:
-        assert set(r["median_ms"]) == {f"{p}{q}" for p in ("floor", "sequential", "batched") for q in ("", "+quant")}
+        paths = ("floor", "sequential", "batched", "batched-fbn")
+        assert set(r["median_ms"]) == {f"{p}{q}" for p in paths for q in ("", "+quant")}
         assert all(v > 0 for v in r["median_ms"].values())
-    assert res["results"][0]["check"]["grad_rel_err"] < 1e-2
+    assert res["results"][0]["check"]["vmap"]["grad_rel_err"] < 1e-2
 
 
 def test_pack_cifar10_round_trip(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 from .data import DATA_NAMES, load_data
 from .loop import RunConfig, probe_gradients, resolve_steps, train_run
 from .report import format_table, plot_all, summarize, write_csv, write_json
+from .workers import AMP_MODES, WORKERS_MODES
 
 #: Every method in the paper's order.
 ALL_METHODS = tuple(alq_core.METHODS)
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 0,
     "log_every": 0,
     "checkpoint_every": 0,
+    "amp": "none",
+    "channels_last": False,
     "exact_1d": False,
 }
 
@@ -182,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic-size", type=int, default=None, help="training examples of --data synthetic [default: 10000]"
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available else cpu]")
+    g.add_argument(
+        "--workers-mode",
+        choices=WORKERS_MODES,
+        default="auto",
+        help="how the K worker gradients are computed: one vmapped pass ('batched'; per-worker BatchNorm "
+        "statistics) or K passes ('sequential', the reference); 'auto' batches MLPs and BatchNorm models "
+        "[default: auto]",
+    )
+    g.add_argument(
+        "--amp", choices=AMP_MODES, default=None, help="bfloat16 autocast of the forward passes [default: none]"
+    )
+    g.add_argument(
+        "--channels-last", action="store_true", default=None, help="channels-last memory format (image models)"
+    )
     g.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -341,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alq-train`` and ``python -m alq_torch.train``."""
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.amp not in (None, "none") or args.channels_last:
+            raise SystemExit(
+                "alq-train: error: --amp and --channels-last are only implemented for simulated workers, "
+                "not under torchrun; fix: drop them or run without torchrun"
+            )
         if args.exact_1d:
             raise SystemExit(
                 "alq-train: error: --exact-1d is only implemented for simulated workers, not under torchrun; "
@@ -407,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop_at=args.stop_at,
                 progress=progress,
                 desc=f"{method:>7} seed {seed}",
+                workers_mode=args.workers_mode,
+                amp=str(s.get("amp", "none")),
+                channels_last=bool(s.get("channels_last", False)),
             )
             if res is None:
                 stopped = True

@@ -12,7 +12,6 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from .._simulate import SimulatedWorkers, exact_mask_from_params
 from .data import Dataset, WorkerSampler
 from .models import build_model, num_parameters
 from .report import HISTORY_ERROR_KEYS, measured_errors
+from .workers import GradientComputer
 
 
 @dataclass
@@ -160,67 +160,6 @@ def make_quantizer(run: RunConfig) -> ScheduledQuantizer:
     """The level-table owner of a run: the core's AdaptiveQuantizer on the run's schedule."""
     inner = alq_core.AdaptiveQuantizer(run.quantizer_config(), update=run.update_method)
     return ScheduledQuantizer(inner, run)
-
-
-# --------------------------------------------------------------------------- gradients
-def _has_buffers(model: nn.Module) -> bool:
-    return any(True for _ in model.buffers())
-
-
-class GradientComputer:
-    """Per-worker flat gradients, float32 ``(K, n)``, for K mini-batches.
-
-    Models without buffers (the MLP) use one batched ``torch.func.vmap`` call;
-    models with BatchNorm loop over workers (each worker updates the running
-    statistics in turn, as K sequential forward passes would).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.batched = not _has_buffers(model)
-        self._fn: Callable[..., Any] | None = None
-
-    def _vmapped(self) -> Callable[..., Any]:
-        if self._fn is None:
-            from torch.func import functional_call, grad_and_value, vmap
-
-            model = self.model
-
-            def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-                out = functional_call(model, params, (x,))
-                return F.cross_entropy(out, y)
-
-            self._fn = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0))
-        return self._fn
-
-    def __call__(self, xs: Tensor, ys: Tensor) -> tuple[Tensor, float]:
-        """Gradients and mean loss for inputs ``xs`` (K, B, ...) and labels ``ys`` (K, B)."""
-        k = xs.shape[0]
-        if self.batched:
-            params = {n: p.detach() for n, p in zip(self.names, self.params)}
-            grads, losses = self._vmapped()(params, xs, ys)
-            flat = torch.cat([grads[n].reshape(k, -1) for n in self.names], dim=1)
-            return flat, float(losses.mean())
-        rows = []
-        total = 0.0
-        for i in range(k):
-            for p in self.params:
-                p.grad = None
-            loss = F.cross_entropy(self.model(xs[i]), ys[i])
-            loss.backward()  # type: ignore[no-untyped-call]
-            rows.append(torch.cat([p.grad.reshape(-1) for p in self.params]))  # type: ignore[union-attr]
-            total += float(loss.detach())
-        return torch.stack(rows), total / k
-
-    def set_grad(self, flat: Tensor) -> None:
-        """Write a flat gradient (n,) into the parameters' ``.grad``."""
-        off = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[off : off + n].view_as(p).clone()
-            off += n
 
 
 @torch.no_grad()
@@ -414,6 +353,9 @@ def train_run(
     stop_at: int | None = None,
     progress: bool = True,
     desc: str | None = None,
+    workers_mode: str = "auto",
+    amp: str = "none",
+    channels_last: bool = False,
 ) -> tuple[RunResult | None, nn.Module, SimulatedWorkers]:
     """Train one (method, seed) with K simulated workers on one device.
 
@@ -433,6 +375,14 @@ def train_run(
         the result (simulates a pre-emption; used to test resume).
     progress : bool
         Show a tqdm progress bar.
+    workers_mode : {"auto", "batched", "sequential"}
+        How the K worker gradients are computed (:class:`GradientComputer`):
+        one vmapped pass (``auto`` picks it for MLPs and BatchNorm models) or
+        K sequential passes; the results agree to float rounding.
+    amp : {"none", "bf16"}
+        bfloat16 autocast of the forward passes (gradients stay float32).
+    channels_last : bool
+        Train in channels-last memory format (image models).
 
     Returns
     -------
@@ -440,6 +390,8 @@ def train_run(
     """
     torch.manual_seed(run.seed)
     model = build_model(run.model, data.input_shape, data.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     n = num_parameters(model)
     qcfg = run.quantizer_config()
@@ -458,7 +410,7 @@ def train_run(
     sampler = WorkerSampler(data.y_train.shape[0], run.workers, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + run.seed)
     opt = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
-    gc = GradientComputer(model)
+    gc = GradientComputer(model, workers_mode, amp=amp, channels_last=channels_last)  # type: ignore[arg-type]
     eval_every = run.interval(run.eval_every, 20)
     log_every = run.interval(run.log_every, 40)
     state = _new_state(last_loss=float("nan"))

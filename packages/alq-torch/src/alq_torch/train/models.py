@@ -83,7 +83,7 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn(self.conv(x)))
         out = self.blocks(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = out.mean(dim=(2, 3))  # global average pool; vmap-friendly (no as_strided_ fallback)
         logits: Tensor = self.fc(out)
         return logits
 
