@@ -86,3 +86,18 @@ def test_level_quality_smoke_on_cpu(tmp_path: Path) -> None:
             assert r["vs_optimum"] >= 1 - 1e-9
     assert res["summary"]["alq-einf_vs_optimum_max"] <= 1.10
     assert (tmp_path / "lq.md").read_text().count("| mlp-digits@") == 4
+
+
+def test_gpu_sketch_smoke_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("alq_torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "sketch.json"
+    text = _run(HERE / "gpu_sketch.py", out, "--smoke", "--n", "20000", "--buckets", "8192")
+    assert "sketch kernel only" in text
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("CPU") and res["n"] == 20000
+    assert set(res["results"]) == {"copy", "alq-e/d8192", "alq-einf/d8192"}
+    for key in ("alq-e/d8192", "alq-einf/d8192"):
+        r = res["results"][key]
+        names = ("sketch_sums (public op)", "sketch kernel only", "sketch, torch ops (bincount)", "quantize_encode")
+        assert all(r[name]["seconds"] > 0 for name in names), key

@@ -197,3 +197,19 @@ def test_gpu_sketch_of_a_large_gradient(norm_method: str, d: int) -> None:
     assert_sums_close(alq_torch.sketch_sums(xt, cfg).cpu().numpy(), want.sums, "cuda")
     body, recip, weights, _ = _normalize_inputs(xt, cfg)
     assert_sums_close(_sums_torch(body, recip, weights, d).cpu().numpy(), want.sums, "cuda torch ops")
+
+
+@needs_triton
+@pytest.mark.parametrize(("block", "copies", "use_kernel"), [(1024, 3, True), (8192, 1, True), (4096, 64, False)])
+def test_kernel_launch_shapes_and_the_switch_give_the_same_sums(
+    kernel: None, monkeypatch: pytest.MonkeyPatch, block: int, copies: int, use_kernel: bool
+) -> None:
+    from alq_torch import _kernels
+
+    monkeypatch.setitem(_kernels.TUNING, "sketch_block", block)
+    monkeypatch.setitem(_kernels.TUNING, "sketch_copies", copies)
+    monkeypatch.setitem(_kernels.TUNING, "sketch_kernel", use_kernel)
+    cfg = QuantizerConfig("alq-e", bits=3, bucket_size=512)
+    x = heavy(9 * 512 + 300, seed=block)
+    want = alq_core.compute_sketch(x, cfg)
+    assert_sums_close(alq_torch.sketch_sums(torch.from_numpy(x).to(DEVICE), cfg).cpu().numpy(), want.sums, "shape")

@@ -1043,10 +1043,11 @@ def decode_sum(
 # ----------------------------------------------------------------------------------------------
 # level sketch (alq-e / alq-einf statistics): per-bin sums of s^2, s^2 v, s^2 v^2
 
-#: Copies of the sketch histogram the programs spread their atomic adds over (``pid % copies``).
+# Launch parameters of the sketch kernel (benchmarks/gpu_sketch.py sweeps them; not yet tuned on a GPU).
+TUNING.setdefault("sketch_kernel", True)  # alq_torch.sketch_sums on CUDA: this kernel (False: the torch ops)
 TUNING.setdefault("sketch_block", 4096)  # elements per program (power of two)
 TUNING.setdefault("sketch_warps", 8)
-TUNING.setdefault("sketch_copies", 64)
+TUNING.setdefault("sketch_copies", 64)  # histogram copies the programs spread their atomic adds over (pid % copies)
 
 
 @triton.jit

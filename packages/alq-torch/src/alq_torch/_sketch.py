@@ -104,7 +104,7 @@ def _use_kernel(device: torch.device) -> bool:
         from . import _kernels
     except ImportError:  # no triton: the torch ops
         return False
-    return bool(_kernels.TUNING.get("sketch_kernel", True))
+    return bool(_kernels.TUNING["sketch_kernel"])
 
 
 def _sketch_parts(x: torch.Tensor, config: QuantizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
