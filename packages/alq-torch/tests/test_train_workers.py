@@ -62,8 +62,8 @@ def test_batched_resnet_equals_sequential_in_train_mode(k: int, batchnorm: str) 
 def test_batched_resnet_two_steps_and_eval_mode(batchnorm: str) -> None:
     net = _tiny_resnet()
     ref = copy.deepcopy(net)
-    seq, bat = GradientComputer(ref, "sequential"), GradientComputer(net, batchnorm=batchnorm)  # type: ignore[arg-type]
-    assert bat.batched  # auto: BatchNorm buffers only
+    assert not GradientComputer(net).batched  # auto: BatchNorm models batch on CUDA only
+    seq, bat = GradientComputer(ref, "sequential"), GradientComputer(net, "batched", batchnorm=batchnorm)  # type: ignore[arg-type]
     for step in range(2):
         xs, ys = _data(3 + step)
         torch.testing.assert_close(bat(xs, ys)[0], seq(xs, ys)[0], rtol=1e-4, atol=1e-5)
@@ -99,7 +99,7 @@ def test_momentum_none_and_untracked_batchnorm(batchnorm: str) -> None:
 def test_model_without_buffers(k: int) -> None:
     torch.manual_seed(0)
     net = build_model("mlp-8", (3, 8, 8), 10)
-    assert supports_batched(net)
+    assert supports_batched(net) and GradientComputer(net).batched
     _compare(net, k)
 
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=WORKERS_MODES,
         default="auto",
         help="how the K worker gradients are computed: one vmapped pass ('batched'; per-worker BatchNorm "
-        "statistics) or K passes ('sequential', the reference); 'auto' batches MLPs and BatchNorm models "
+        "statistics) or K passes ('sequential', the reference); 'auto' batches MLPs, and BatchNorm models on CUDA "
         "[default: auto]",
     )
     g.add_argument(

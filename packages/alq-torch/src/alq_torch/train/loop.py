@@ -377,7 +377,7 @@ def train_run(
         Show a tqdm progress bar.
     workers_mode : {"auto", "batched", "sequential"}
         How the K worker gradients are computed (:class:`GradientComputer`):
-        one vmapped pass (``auto`` picks it for MLPs and BatchNorm models) or
+        one vmapped pass (``auto``: MLPs, and BatchNorm models on CUDA) or
         K sequential passes; the results agree to float rounding.
     amp : {"none", "bf16"}
         bfloat16 autocast of the forward passes (gradients stay float32).

@@ -210,8 +210,10 @@ class GradientComputer:
         dimension, per-worker BatchNorm statistics, running statistics
         composed afterwards (module docstring). ``"sequential"`` (or False):
         K forward/backward passes, each updating the running statistics in
-        turn (the reference). ``"auto"``: batched when every buffer belongs
-        to a BatchNorm module (:func:`supports_batched`), else sequential.
+        turn (the reference). ``"auto"``: batched for models without buffers,
+        and for models whose only buffers are BatchNorm statistics
+        (:func:`supports_batched`) when their parameters are on CUDA (on
+        the CPU K passes measured faster); else sequential.
     amp : {"none", "bf16"} or torch.dtype or None
         Autocast the forward pass to bfloat16 (the loss and the gradients stay
         float32).
@@ -259,7 +261,11 @@ class GradientComputer:
         elif batched is False or batched == "sequential":
             self.batched = False
         elif batched == "auto":
-            self.batched = ok
+            # BatchNorm models: batched on CUDA only. On CPU the batched pass measured about 2x slower
+            # than K passes (ResNet-8, K=4, b=32: per-worker conv weight gradients as grouped convolutions).
+            has_buffers = any(True for _ in model.buffers())
+            on_cuda = any(p.is_cuda for p in self.params)
+            self.batched = ok and (not has_buffers or on_cuda)
         else:
             msg = f"`batched` must be one of {WORKERS_MODES} or a bool; got {batched!r}"
             raise ValueError(msg)
