@@ -41,7 +41,7 @@ def test_short_run_per_method_is_consistent(method: str, digits) -> None:  # typ
         assert res.quantize_seconds == 0.0
     else:
         assert math.isfinite(res.final_variance) and res.final_variance > 0
-    if method in ("alq", "alq-n", "amq", "amq-n"):
+    if alq_core.METHODS[method].adaptive:
         assert res.num_updates == 2
         assert len(res.levels) == 3  # initial table + two updates
         assert res.update_seconds > 0
@@ -200,6 +200,51 @@ def test_batched_worker_gradients_equal_a_loop() -> None:
     assert l1 == pytest.approx(l2, rel=1e-5)
 
 
+class _NotPlainData:
+    """Stands for any pickled object: a weights-only load must never construct it."""
+
+    built = 0
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_NotPlainData._build, ())
+
+    @staticmethod
+    def _build() -> _NotPlainData:
+        _NotPlainData.built += 1
+        return _NotPlainData()
+
+
+def test_checkpoints_are_weights_only_and_refuse_pickled_objects(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
+    ck = str(tmp_path / "run.pt")
+    run = RunConfig(method="alq", bucket_size=256, workers=4, batch_size=8, steps=4, model="mlp-16")
+    train_run(run, digits, device=CPU, checkpoint=ck, stop_at=2, progress=False)
+    saved = torch.load(ck, weights_only=True)  # holds only tensors and plain data
+    assert saved["state"]["step"] == 2 and isinstance(saved["aug"], torch.Tensor)
+    saved["sim"]["evil"] = _NotPlainData()
+    torch.save(saved, ck)  # bypasses _save_checkpoint, as a foreign or tampered file would
+    with pytest.raises(ValueError, match=r"run\.pt' could not be read as a weights-only checkpoint .*Fix: delete it"):
+        train_run(run, digits, device=CPU, checkpoint=ck, resume=True, progress=False)
+    assert _NotPlainData.built == 0
+    with open(ck, "wb") as fh:
+        fh.write(b"truncated")
+    with pytest.raises(ValueError, match=r"could not be read as a weights-only checkpoint"):
+        _load_checkpoint(ck)
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt' does not exist"):
+        _load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_writer_converts_numpy_and_refuses_other_objects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from alq_torch.train.loop import _save_checkpoint
+
+    ck = str(tmp_path / "x.pt")
+    _save_checkpoint(ck, {"a": np.arange(3, dtype=np.float32), "b": np.float64(0.5), "c": (1, [np.int64(2)])})
+    assert _load_checkpoint(ck) == {"a": [0.0, 1.0, 2.0], "b": 0.5, "c": (1, [2])}
+    with pytest.raises(TypeError, match=r"checkpoint\['s'\]\['obj'\] is a .*_NotPlainData; a checkpoint holds only"):
+        _save_checkpoint(ck, {"s": {"obj": _NotPlainData()}})
+    assert _load_checkpoint(ck)["b"] == 0.5  # the failed write left the old file in place
+
+
 # --------------------------------------------------------------------------- measured errors, --exact-1d
 ERROR_KEYS = ("top_error", "top_share", "avg_error", "err_1d", "err_nd", "worst_layer_error")
 
@@ -280,48 +325,3 @@ def test_report_tolerates_results_without_measured_errors() -> None:
     assert rows[0]["variance_run_mean"] == pytest.approx(0.3)
     line = format_table(rows).splitlines()[2]
     assert line.split()[0] == "qsgd" and " - " in line
-
-
-class _NotPlainData:
-    """Stands for any pickled object: a weights-only load must never construct it."""
-
-    built = 0
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (_NotPlainData._build, ())
-
-    @staticmethod
-    def _build() -> _NotPlainData:
-        _NotPlainData.built += 1
-        return _NotPlainData()
-
-
-def test_checkpoints_are_weights_only_and_refuse_pickled_objects(tmp_path, digits) -> None:  # type: ignore[no-untyped-def]
-    ck = str(tmp_path / "run.pt")
-    run = RunConfig(method="alq", bucket_size=256, workers=4, batch_size=8, steps=4, model="mlp-16")
-    train_run(run, digits, device=CPU, checkpoint=ck, stop_at=2, progress=False)
-    saved = torch.load(ck, weights_only=True)  # holds only tensors and plain data
-    assert saved["state"]["step"] == 2 and isinstance(saved["aug"], torch.Tensor)
-    saved["sim"]["evil"] = _NotPlainData()
-    torch.save(saved, ck)  # bypasses _save_checkpoint, as a foreign or tampered file would
-    with pytest.raises(ValueError, match=r"run\.pt' could not be read as a weights-only checkpoint .*Fix: delete it"):
-        train_run(run, digits, device=CPU, checkpoint=ck, resume=True, progress=False)
-    assert _NotPlainData.built == 0
-    with open(ck, "wb") as fh:
-        fh.write(b"truncated")
-    with pytest.raises(ValueError, match=r"could not be read as a weights-only checkpoint"):
-        _load_checkpoint(ck)
-    with pytest.raises(FileNotFoundError, match=r"nope\.pt' does not exist"):
-        _load_checkpoint(str(tmp_path / "nope.pt"))
-
-
-def test_checkpoint_writer_converts_numpy_and_refuses_other_objects(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import numpy as np
-    from alq_torch.train.loop import _save_checkpoint
-
-    ck = str(tmp_path / "x.pt")
-    _save_checkpoint(ck, {"a": np.arange(3, dtype=np.float32), "b": np.float64(0.5), "c": (1, [np.int64(2)])})
-    assert _load_checkpoint(ck) == {"a": [0.0, 1.0, 2.0], "b": 0.5, "c": (1, [2])}
-    with pytest.raises(TypeError, match=r"checkpoint\['s'\]\['obj'\] is a .*_NotPlainData; a checkpoint holds only"):
-        _save_checkpoint(ck, {"s": {"obj": _NotPlainData()}})
-    assert _load_checkpoint(ck)["b"] == 0.5  # the failed write left the old file in place

@@ -228,9 +228,12 @@ class SimulatedWorkers:
         return grads.index_select(1, self._keep)
 
     def stats(self, grads: Tensor) -> Any:
-        """Merged statistics of the workers' gradients, an :class:`alq_core.GradientStats`.
+        """Merged statistics of the workers' gradients, what ``alq_core.compute_stats`` gives for the config.
 
-        With an ``exact_mask``, of the quantized coordinates only (:meth:`quantized_part`).
+        An :class:`alq_core.GradientStats` for the paper's methods; for ``alq-e`` / ``alq-einf``
+        an :class:`alq_core.LevelSketch` (each worker's gradient bucketed on its own, the
+        sketches summed on the device). With an ``exact_mask``, of the quantized coordinates
+        only (:meth:`quantized_part`).
 
         Parameters
         ----------
@@ -240,6 +243,9 @@ class SimulatedWorkers:
         grads = self.quantized_part(grads)
         k, n = grads.shape
         d = self.config.bucket_size
+        if self.config.spec.stats == "empirical":
+            sums = sum(ops.sketch_sums(grads[i], self.config) for i in range(k))
+            return alq_core.LevelSketch.from_sums(sums.cpu().numpy(), self.config, count=k * n)
         if n % d == 0:
             parts = [ops.bucket_stats(grads.reshape(-1), d)]
         else:
