@@ -90,6 +90,25 @@ def summarize(runs: list[dict[str, Any]], group_by: str | None = None) -> list[d
     return rows
 
 
+def predictors(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Spearman rank correlation, across the quantized methods, of accuracy with each error measure.
+
+    Strongly negative: the measure predicts accuracy (lower error, higher accuracy).
+    """
+    from scipy.stats import spearmanr
+
+    q = [r for r in rows if r["method"] != "fp32" and math.isfinite(r["variance_mean"])]
+    out: dict[str, float] = {}
+    if len(q) < 3:
+        return out
+    acc = [r["acc_mean"] for r in q]
+    for key in ("variance_mean", "top_error_mean", "avg_error_mean"):
+        vals = [r[key] for r in q]
+        if all(math.isfinite(v) for v in vals):
+            out[key] = float(spearmanr(acc, vals).statistic)
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], paper: dict[str, float] | None, fp32_bits: float | None) -> str:
     head = "| method | val acc % (mean ± std, n) | paper % | norm. variance (mean over training) | top-1% error | error of the average | wire / step / worker | step ms |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
@@ -177,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fp32 = [r for r in runs if r["method"] == "fp32"]
         md = markdown(rows, PAPER.get(args.paper) if args.paper else None, fp32[0]["bits_per_step"] if fp32 else None)
+        corr = predictors(rows)
+        if corr:
+            md += "\n\nSpearman correlation of accuracy with each measure across the quantized methods: " + ", ".join(
+                f"{k.removesuffix('_mean')} {v:+.2f}" for k, v in corr.items()
+            )
     s = settings
     about = (
         f"{s.get('model')} on {s.get('data')}, {s.get('bits')} bits, bucket {s.get('bucket_size')}, "
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         f"device {runs[0].get('_device')}"
     )
     out.with_suffix(".md").write_text(f"{args.title}\n\n{about}\n\n{md}\n" if args.title else f"{about}\n\n{md}\n")
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    corr = {} if args.group_by else predictors(rows)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows, "spearman": corr}, indent=1))
     plot(runs, rows, out.with_suffix(".png"), args.group_by)
     print(about)
     print(md)
