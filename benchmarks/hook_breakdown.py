@@ -9,8 +9,10 @@ off (as ``ddp_resnet50.py`` runs it) and on (the default)::
 
     PYTHONPATH=packages/alq-core/src:packages/alq-torch/src python3 benchmarks/hook_breakdown.py
 
-The timers wrap methods of ``alq_torch._hook`` (private names: this is a developer's tool and breaks
-when they change); their own cost, about a microsecond each, is included.
+The timers wrap private methods of ``alq_torch.ALQState`` (defined across ``alq_torch._hook``,
+``_exchange`` and ``_checks``), the plans' prepared launches (``alq_torch._plans``) and the hook's
+all-gather (``alq_torch._hook._all_gather_flat``): private names, so this developer's tool breaks when
+they change; the timers' own cost, about a microsecond each, is included.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     import alq_torch
     from alq_core import QuantizerConfig
-    from alq_torch import _hook
+    from alq_torch import _hook, _plans
     from alq_torch.testing import FakeBucket
 
     spent: dict[str, float] = collections.defaultdict(float)
@@ -64,10 +66,12 @@ def main() -> None:
         return timed("fake all-gather call (not the hook's)", fake_gather)(out, inp, group, async_op)
 
     _hook._all_gather_flat = gather  # type: ignore[assignment]
-    prep_q, prep_d = _hook.prepare_quantize_encode, _hook.prepare_decode_sum
-    _hook.prepare_quantize_encode = lambda *a, **kw: timed("prepared quantize", prep_q(*a, **kw))  # type: ignore[assignment]
-    _hook.prepare_decode_sum = lambda *a, **kw: timed("prepared decode", prep_d(*a, **kw))  # type: ignore[assignment]
+    prep_q, prep_d = _plans.prepare_quantize_encode, _plans.prepare_decode_sum
+    _plans.prepare_quantize_encode = lambda *a, **kw: timed("prepared quantize", prep_q(*a, **kw))  # type: ignore[assignment]
+    _plans.prepare_decode_sum = lambda *a, **kw: timed("prepared decode", prep_d(*a, **kw))  # type: ignore[assignment]
     for name in PIECES:
+        if not callable(getattr(_hook.ALQState, name, None)):
+            raise SystemExit(f"hook_breakdown.py: ALQState has no method {name!r}; update PIECES")
         setattr(_hook.ALQState, name, timed(name, getattr(_hook.ALQState, name)))
     hook = timed("alq_hook (whole call)", alq_torch.alq_hook)
     device = torch.device(args.device)

@@ -228,16 +228,16 @@ def main() -> None:
         res[f"alq_hook, per bucket (rounds of {k}, timing=False as ddp_resnet50)"] = (
             host_us(rounds(state), args.calls, device) / k
         )
-        from alq_torch import _hook
+        from alq_torch import _plans  # the hook's per-bucket plans prepare its launches
 
-        real_ops = _hook.prepare_quantize_encode, _hook.prepare_decode_sum
-        _hook.prepare_quantize_encode = lambda x, *a, out, **kw: lambda seed: out  # type: ignore[assignment]
-        _hook.prepare_decode_sum = lambda p, lv, c, n, *, out=None, **kw: lambda: out if out is not None else p  # type: ignore[assignment]
+        real_ops = _plans.prepare_quantize_encode, _plans.prepare_decode_sum
+        _plans.prepare_quantize_encode = lambda x, *a, out, **kw: lambda seed: out  # type: ignore[assignment]
+        _plans.prepare_decode_sum = lambda p, lv, c, n, *, out=None, **kw: lambda: out if out is not None else p  # type: ignore[assignment]
         stubbed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0, timing=False)
         res[f"alq_hook, per bucket (rounds of {k}, timing=False, ops stubbed out)"] = (
             host_us(rounds(stubbed), args.calls, device) / k
         )
-        _hook.prepare_quantize_encode, _hook.prepare_decode_sum = real_ops
+        _plans.prepare_quantize_encode, _plans.prepare_decode_sum = real_ops
         timed = alq_torch.ALQState(config, warmup_steps=0, exact_below=0)
         res[f"alq_hook, per bucket (rounds of {k}, timing=True: the default)"] = (
             host_us(rounds(timed), args.calls, device) / k
