@@ -1,10 +1,12 @@
 """alq-torch: adaptive gradient quantization for PyTorch.
 
 Ops bit-exact with :mod:`alq_core` on CPU and CUDA (fused Triton kernels on the
-GPU), and the DDP communication hook. Importing this package never initializes
-CUDA or compiles a kernel.
+GPU), the DDP communication hook, and the quantized reduce-scatter / hybrid
+all-reduce for FSDP2. Importing this package never initializes CUDA or compiles
+a kernel.
 """
 
+from ._fsdp import ALQAllReduceHook, ALQReduceScatter, register_fsdp
 from ._hook import ALQState, alq_hook
 from ._metrics import ErrorMetrics, error_metrics, top_mask
 from ._quantize import QuantizedTensor, dequantize, quantize
@@ -26,6 +28,8 @@ from ._wire import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALQAllReduceHook",
+    "ALQReduceScatter",
     "ALQState",
     "BucketRecord",
     "ErrorMetrics",
@@ -48,6 +52,7 @@ __all__ = [
     "prepare_quantize_encode",
     "quantize",
     "quantize_encode",
+    "register_fsdp",
     "sketch_sums",
     "top_mask",
     "unpack_codes",
