@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import require_cupy
-from ._noise import seed_key
+from ._seeds import seed_key
 
 SOURCE = r"""
 typedef unsigned long long u64;

@@ -11,6 +11,8 @@ with ``mix`` the SplitMix64 finalizer (Steele, Lea and Flood 2014). One 64-bit
 hash serves two coordinates. The GPU kernels generate it in place;
 :func:`counter_noise_host` computes the same values with NumPy so a device
 result can be compared with ``alq_core.quantize(..., noise=...)`` code for code.
+The seed helpers (``check_seed``, ``seed_key``, ``fresh_seed``) live in :mod:`alq_cupy._seeds` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -20,36 +22,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-_MASK = (1 << 64) - 1
-GOLDEN = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
+from ._kernels import launch_noise
+from ._seeds import _M1, _M2, GOLDEN
 
-
-def _mix_int(z: int) -> int:
-    z &= _MASK
-    z = ((z ^ (z >> 30)) * _M1) & _MASK
-    z = ((z ^ (z >> 27)) * _M2) & _MASK
-    return z ^ (z >> 31)
-
-
-def check_seed(seed: object) -> int:
-    """Validate a seed: an integer in ``[0, 2**64)``."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _MASK:
-        msg = f"`seed` must be an integer in [0, 2**64); got {seed!r}"
-        raise ValueError(msg)
-    return int(seed)
-
-
-def seed_key(seed: int) -> int:
-    """The per-stream key the kernels receive: ``mix(seed)``."""
-    return _mix_int(check_seed(seed))
-
-
-def fresh_seed(rng: np.random.Generator | None = None) -> int:
-    """A new 64-bit seed from ``rng`` (or from OS entropy)."""
-    gen = rng if rng is not None else np.random.default_rng()
-    return int(gen.integers(0, 1 << 64, dtype=np.uint64))
+# Re-exported: the seed helpers are part of the noise stream's interface (as they were defined here).
+from ._seeds import _mix_int as _mix_int
+from ._seeds import check_seed as check_seed
+from ._seeds import fresh_seed as fresh_seed
+from ._seeds import seed_key as seed_key
 
 
 def counter_noise_host(m: int, seed: int, start: int = 0) -> NDArray[np.float32]:
@@ -92,6 +72,4 @@ def counter_noise(m: int, seed: int, start: int = 0) -> Any:
     -------
     cupy.ndarray of float32, shape (m,)
     """
-    from ._kernels import launch_noise
-
     return launch_noise(int(m), check_seed(seed), int(start))

@@ -11,86 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import alq_core
-import numpy as np
 import torch
 
 from .data import DATA_NAMES, load_data
-from .loop import RunConfig, probe_gradients, resolve_steps, train_run
+from .loop import probe_gradients, resolve_steps, train_run
 from .report import format_table, plot_all, summarize, write_csv, write_json
+from .settings import ALL_METHODS as ALL_METHODS  # re-exported (defined beside the settings they name)
+from .settings import DEFAULTS as DEFAULTS
+from .settings import PRESETS as PRESETS
+from .settings import resolve, run_config, versions
 from .workers import AMP_MODES, WORKERS_MODES
-
-#: Every method in the paper's order.
-ALL_METHODS = tuple(alq_core.METHODS)
-
-#: The built-in default comparison (what ``alq-train`` runs with no arguments).
-DEFAULTS: dict[str, Any] = {
-    "methods": "all",
-    "bits": 3,
-    # Small buckets for this small model: at 8192 the 26K-parameter MLP has 3 full buckets and a
-    # tail holding the output layer, which the statistics skip (SPEC 5), and the truncated-normal
-    # model misfits heavy tails. The paper's 8192 is in --preset paper-cifar10-resnet32.
-    "bucket_size": 128,
-    "workers": 16,
-    "seeds": "0,1,2",
-    "steps": 300,
-    "epochs": None,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 16,
-    "milestones": "0.5,0.75",
-    "update_steps": "0,10,50",
-    "update_every": 100,
-    "update_method": "exact",
-    "dist_num": 50,
-    "clip": "auto",
-    "model": "mlp",
-    "data": "digits",
-    "data_dir": None,
-    "synthetic_size": 10000,
-    "eval_every": 0,
-    "log_every": 0,
-    "checkpoint_every": 0,
-    "amp": "none",
-    "channels_last": False,
-    "exact_1d": False,
-}
-
-#: Presets: the paper's settings (SPEC section 10). Explicit flags override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-cifar10-resnet32": {
-        "methods": "all",
-        "bits": 3,
-        "bucket_size": 8192,
-        "workers": 4,
-        "seeds": "0",
-        "steps": 80000,
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "batch_size": 128,
-        "milestones": "0.5,0.75",
-        "update_steps": "0,100,2000",
-        "update_every": 10000,
-        "update_method": "exact",
-        "dist_num": 50,
-        "model": "resnet32",
-        "data": "cifar10",
-        "eval_every": 2000,
-        "log_every": 500,
-        "checkpoint_every": 2000,
-    },
-}
-
-#: Settings that do not change results and may differ on --resume.
-_RUNTIME_KEYS = ("device", "progress", "stop_at", "out", "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,69 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(t) for t in str(text).split(",") if t.strip() != "")
-    except ValueError as exc:
-        msg = f"--{name} must be comma-separated integers; got {text!r}"
-        raise SystemExit(f"alq-train: error: {msg}") from exc
-    return vals
-
-
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge flags over the preset over the defaults, and validate."""
-    s = dict(DEFAULTS)
-    if args.preset:
-        s.update(PRESETS[args.preset])
-        s["preset"] = args.preset
-    for key in DEFAULTS:
-        val = getattr(args, key, None)
-        if val is not None:
-            s[key] = val
-    methods = str(s["methods"])
-    names = (
-        list(ALL_METHODS)
-        if methods.strip().lower() == "all"
-        else [m.strip().lower() for m in methods.split(",") if m.strip()]
-    )
-    bad = [m for m in names if m not in ALL_METHODS]
-    if bad or not names:
-        raise SystemExit(
-            f"alq-train: error: --methods must be 'all' or names from {', '.join(ALL_METHODS)}; got {methods!r}"
-        )
-    s["methods"] = names
-    seeds = str(s["seeds"])
-    s["seeds"] = list(_ints(seeds, "seeds"))
-    if not s["seeds"]:
-        raise SystemExit("alq-train: error: --seeds needs at least one seed, e.g. 0,1,2")
-    s["update_steps"] = sorted(set(_ints(s["update_steps"], "update-steps")))
-    try:
-        s["milestones"] = [float(t) for t in str(s["milestones"]).split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(
-            f"alq-train: error: --milestones must be comma-separated fractions; got {s['milestones']!r}"
-        ) from None
-    clip = s["clip"]
-    if isinstance(clip, str) and clip.lower() == "none":
-        s["clip"] = None
-    elif isinstance(clip, str) and clip != "auto":
-        try:
-            s["clip"] = float(clip)
-        except ValueError:
-            raise SystemExit(f"alq-train: error: --clip must be a number, 'none' or 'auto'; got {clip!r}") from None
-    for key in ("bits", "bucket_size", "workers", "batch_size"):
-        if int(s[key]) < 1:
-            raise SystemExit(f"alq-train: error: --{key.replace('_', '-')} must be positive; got {s[key]}")
-    if s.get("steps") is not None and int(s["steps"]) < 1:
-        raise SystemExit(f"alq-train: error: --steps must be positive; got {s['steps']}")
-    for m in names:  # validates bits / bucket / clip combinations with the core's messages
-        try:
-            alq_core.QuantizerConfig(m, bits=int(s["bits"]), bucket_size=int(s["bucket_size"]), clip=s["clip"])
-        except ValueError as exc:
-            raise SystemExit(f"alq-train: error: {exc}") from None
-    return s
-
-
 def _device(name: str | None) -> torch.device:
     if name:
         dev = torch.device(name)
@@ -312,46 +184,9 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _run_config(s: dict[str, Any], method: str, seed: int, steps: int, workers: int) -> RunConfig:
-    return RunConfig(
-        method=method,
-        bits=int(s["bits"]),
-        bucket_size=int(s["bucket_size"]),
-        workers=workers,
-        seed=int(seed),
-        steps=steps,
-        lr=float(s["lr"]),
-        momentum=float(s["momentum"]),
-        weight_decay=float(s["weight_decay"]),
-        batch_size=int(s["batch_size"]),
-        milestones=tuple(s["milestones"]),
-        update_steps=tuple(s["update_steps"]),
-        update_every=int(s["update_every"]),
-        update_method=str(s["update_method"]),
-        dist_num=int(s["dist_num"]),
-        clip=s["clip"],
-        model=str(s["model"]),
-        eval_every=int(s["eval_every"]),
-        log_every=int(s["log_every"]),
-        checkpoint_every=int(s["checkpoint_every"]),
-        exact_1d=bool(s.get("exact_1d", False)),
-    )
-
-
 def _default_out(s: dict[str, Any], workers: int) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-K{workers}-{stamp}")
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "alq_core": getattr(alq_core, "__version__", "?"),
-        "platform": platform.platform(),
-        "cpus": str(os.cpu_count()),
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = False
     for seed in s["seeds"]:
         for method in s["methods"]:
-            run = _run_config(s, method, seed, steps, workers)
+            run = run_config(s, method, seed, steps, workers)
             res_path = os.path.join(out, "runs", f"{method}-s{seed}.json")
             ck_path = os.path.join(out, "checkpoints", f"{method}-s{seed}.pt")
             if resume_dir is not None and os.path.isfile(res_path):
@@ -457,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "settings": s,
         "device": str(device),
-        "versions": _versions(),
+        "versions": versions(),
         "num_params": results[0]["num_params"] if results else None,
         "summary": rows,
         "same_gradient_variance": same,
@@ -503,7 +338,7 @@ def same_gradient_variance(
             ck = os.path.join(out, "checkpoints", f"{method}-s{seed}.pt")
             if not os.path.isfile(ck):
                 continue
-            run = _run_config(s, method, seed, steps, workers)
+            run = run_config(s, method, seed, steps, workers)
             exact = exact_mask_from_params([p for p in model.parameters() if p.requires_grad]) if exact_1d else None
             sim = SimulatedWorkers(
                 run.quantizer_config(),

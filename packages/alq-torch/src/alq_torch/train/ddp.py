@@ -37,6 +37,7 @@ from .loop import (
     resolve_steps,
 )
 from .models import build_model, num_parameters
+from .settings import resolve, run_config, versions
 
 
 def _mean_over_ranks(x: float, device: torch.device) -> float:
@@ -100,7 +101,8 @@ def train_run_ddp(
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=run.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+        # disable=None: no bar where stderr is not a terminal (CI logs, redirected output)
+        bar = tqdm(total=run.steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     times = st["times"]
     for step in range(start, end):
         for g in opt.param_groups:
@@ -178,7 +180,6 @@ def train_run_ddp(
 
 def main_ddp(args: argparse.Namespace) -> int:
     """``alq-train`` under torchrun: one process per worker."""
-    from .cli import _run_config, _versions, resolve
     from .report import format_table, plot_all, summarize, write_csv, write_json
 
     t_start = time.perf_counter()
@@ -225,7 +226,7 @@ def main_ddp(args: argparse.Namespace) -> int:
         stopped = False
         for seed in s["seeds"]:
             for method in s["methods"]:
-                run = _run_config(s, method, seed, steps, world)
+                run = run_config(s, method, seed, steps, world)
                 res_path = os.path.join(out, "runs", f"{method}-s{seed}.json")
                 if resume_dir and os.path.isfile(res_path):
                     with open(res_path, encoding="utf-8") as fh:
@@ -264,7 +265,7 @@ def main_ddp(args: argparse.Namespace) -> int:
                     {
                         "settings": s,
                         "device": str(device),
-                        "versions": _versions(),
+                        "versions": versions(),
                         "summary": rows,
                         "runs": results,
                         "wall_seconds": wall,

@@ -438,8 +438,9 @@ def train_run(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=run.steps, initial=start, desc=desc or f"{run.method} s{run.seed}", leave=False, dynamic_ncols=True
-        )
+            total=run.steps, initial=start, desc=desc or f"{run.method} s{run.seed}", leave=False, dynamic_ncols=True,
+            disable=None,  # tqdm: no bar where stderr is not a terminal (CI logs, redirected output)
+        )  # fmt: skip
     times = state["times"]
     for step in range(start, end):
         for g in opt.param_groups:
