@@ -101,3 +101,33 @@ def test_gpu_sketch_smoke_on_cpu(tmp_path: Path) -> None:
         r = res["results"][key]
         names = ("sketch_sums (public op)", "sketch kernel only", "sketch, torch ops (bincount)", "quantize_encode")
         assert all(r[name]["seconds"] > 0 for name in names), key
+
+
+def test_fsdp_bench_on_a_fake_two_rank_group(tmp_path: Path) -> None:
+    pytest.importorskip("alq_torch")
+    out = tmp_path / "fsdp.json"
+    _run(
+        HERE / "fsdp_bench.py",
+        "--fake-world",
+        "2",
+        "--width",
+        "256",
+        "--layers",
+        "2",
+        "--steps",
+        "3",
+        "--calls",
+        "3",
+        out,
+    )
+    res = json.loads(out.read_text())
+    assert res["meta"]["world"] == 2 and res["meta"]["process group"].startswith("fake")
+    assert len(res["step_ms"]) == 3 and all(v > 0 for v in res["step_ms"].values())
+    assert set(res["host_us_per_call"]) == {
+        "fsdp reduce_scatter float32",
+        "fsdp reduce_scatter bfloat16",
+        "ALQReduceScatter float32",
+        "ALQReduceScatter bfloat16",
+    }
+    sent, exact = res["bytes per step (this rank)"]["alq"], res["bytes per step (this rank)"]["exact float32"]
+    assert 0 < sent < exact / 8  # 3-bit payloads vs float32 chunks
