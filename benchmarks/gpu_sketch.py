@@ -10,17 +10,21 @@ log-normal envelope per 64 coordinates), buckets 8192 and 16384, both norms (``a
 ``alq-einf``: max-abs), all in one run, medians of ``triton.testing.do_bench`` (L2 flushed between
 repetitions):
 
-* ``alq_torch.sketch_sums`` (the public op: torch scales + the Triton sketch kernel), the Triton
-  kernel alone, the torch-ops implementation (``bincount`` with float64 weights), a sweep of the
-  kernel's launch shape (block, warps, histogram copies), and ``alq_cupy.sketch_sums`` when CuPy is
-  installed (the same tensor through DLPack);
+* ``alq_torch.sketch_sums`` (the public op, ``_kernels.TUNING`` as shipped), the element kernel
+  alone on torch scales (``sketch kernel only``), the torch-ops implementation (``bincount`` with
+  float64 weights), the torch scale ops alone, and ``alq_cupy.sketch_sums`` when CuPy is installed
+  (the same tensor through DLPack);
+* the kernel variants (``VARIANTS``: element kernel on torch scales or the fused kernel that computes
+  the scales itself; histogram layout "planes" or "interleaved"; ``S0`` by atomics or from
+  ``tl.histogram`` counts), each timed as the public op with its ``TUNING`` overrides, and a sweep of
+  launch shapes (chunk, warps, copies) around the main ones (``--sweep``);
 * the fused quantize+pack kernel (``alq_torch.quantize_encode``, device noise) on the same data, and
   a device-to-device copy, for scale. Target (PERFORMANCE.md): the sketch <= 1 ms.
 
-Every variant is checked before it is timed: sums against ``alq_core.compute_sketch`` on a prefix
-(rtol 1e-12) and against the public op on the whole array (rtol 1e-10).
+Every variant is checked before it is timed: its sums against ``alq_core.compute_sketch`` of the
+whole array (``--check-prefix`` to check a prefix only; rtol 1e-12), its skipped-bucket mask too.
 
-``--smoke`` (and any run without a GPU) takes a small size and runs the Triton kernel in the
+``--smoke`` (and any run without a GPU) takes a small size and runs the Triton kernels in the
 interpreter on CPU tensors: it checks the script, not the speed.
 """
 
@@ -31,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -49,23 +52,43 @@ import alq_core  # noqa: E402
 import alq_torch  # noqa: E402
 from alq_core import QuantizerConfig, default_levels  # noqa: E402
 from alq_torch import _kernels  # noqa: E402
-from alq_torch._sketch import _normalize_inputs, _sums_torch  # noqa: E402
+from alq_torch._sketch import _normalize_inputs, _sketch_parts, _sums_torch  # noqa: E402
 
 RESNET50 = 25_557_032
 
+#: Kernel variants, as ``_kernels.TUNING`` overrides of the shipped defaults (the public op is timed).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "element/planes (previous default)": {
+        "sketch_fused": False, "sketch_layout": "planes", "sketch_block": 4096, "sketch_chunk": 4096,
+    },
+    "element/interleaved": {"sketch_fused": False, "sketch_layout": "interleaved", "sketch_block": 4096},
+    "fused/planes": {"sketch_fused": True, "sketch_layout": "planes", "sketch_s0": "atomic"},
+    "fused/interleaved": {"sketch_fused": True, "sketch_layout": "interleaved", "sketch_s0": "atomic"},
+    "fused/planes/s0-histogram": {"sketch_fused": True, "sketch_layout": "planes", "sketch_s0": "histogram"},
+    "fused/interleaved/s0-histogram": {"sketch_fused": True, "sketch_layout": "interleaved", "sketch_s0": "histogram"},
+}  # fmt: skip
+#: Launch shapes swept around a variant (one parameter at a time).
+SHAPES: dict[str, list[Any]] = {
+    "sketch_chunk": [512, 2048],
+    "sketch_fused_warps": [4, 16],
+    "sketch_copies": [16, 256],
+}
+#: Variants swept: "main" the two likely best (one per cost model of the L2 atomics), "all" every fused one.
+SWEPT = {
+    "main": ["fused/interleaved", "fused/planes/s0-histogram"],
+    "all": [k for k in VARIANTS if k.startswith("fused")],
+}
 
-def bench(fn: Callable[[], Any], device: str) -> float:
+
+def bench(fn: Callable[[], Any], device: str, rep: int = 300) -> float:
     """Median seconds per call."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")) * 1e-3
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return float(triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")) * 1e-3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def heavy_gradient(n: int, device: str) -> torch.Tensor:
@@ -87,6 +110,16 @@ def check_close(got: torch.Tensor | np.ndarray, want: np.ndarray, rtol: float, w
         raise AssertionError(msg)
 
 
+def with_tuning(overrides: dict[str, Any], fn: Callable[[], Any]) -> Any:
+    saved = dict(_kernels.TUNING)
+    _kernels.TUNING.update(overrides)
+    try:
+        return fn()
+    finally:
+        _kernels.TUNING.clear()
+        _kernels.TUNING.update(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", help="JSON file to write")
@@ -94,7 +127,12 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--methods", nargs="+", default=["alq-e", "alq-einf"])
     parser.add_argument("--smoke", action="store_true", help="small size, no sweep (CPU: Triton interpreter)")
-    parser.add_argument("--check-prefix", type=int, default=2_000_000, help="coordinates checked against the core")
+    parser.add_argument("--check-prefix", type=int, default=None, help="check only this many coordinates (default all)")
+    parser.add_argument(
+        "--sweep", choices=["none", "main", "all"], default="main",
+        help="launch shapes around the main variants (default), every fused variant, or none",
+    )  # fmt: skip
+    parser.add_argument("--rep", type=int, default=300, help="do_bench repetition time per timing, ms")
     args = parser.parse_args()
     device = "cuda" if CUDA else "cpu"
     n = args.n or (40_000 if args.smoke or not CUDA else RESNET50)
@@ -118,15 +156,17 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "tuning_default": {k: v for k, v in _kernels.TUNING.items() if k.startswith("sketch")},
+        "variants": VARIANTS,
         "target_seconds": 1e-3,
         "results": {},
     }
     rows: list[tuple[str, str, float, str]] = []
     dst = torch.empty_like(x)
-    t_copy = bench(lambda: dst.copy_(x), device)
+    t_copy = bench(lambda: dst.copy_(x), device, args.rep)
     res["results"]["copy"] = {"seconds": t_copy, "bytes_per_s": 8 * n / t_copy}
     rows.append(("d2d copy", "-", t_copy, f"{8 * n / t_copy / 1e12:.2f} TB/s"))
-    prefix = min(n, args.check_prefix)
+    checked = min(n, args.check_prefix or n)
+    xc_host = x[:checked].cpu().numpy()
 
     for method in args.methods:
         for d in args.buckets:
@@ -134,12 +174,24 @@ def main() -> None:
             key = f"{method}/d{d}"
             out: dict[str, Any] = {}
             res["results"][key] = out
-            want_prefix = alq_core.compute_sketch(x[:prefix].cpu().numpy(), cfg).sums
-            check_close(alq_torch.sketch_sums(x[:prefix], cfg), want_prefix, 1e-12, f"{key} public op, prefix")
-            ref = alq_torch.sketch_sums(x, cfg).cpu().numpy()
-            body, recip, weights, _ = _normalize_inputs(x, cfg)
+            core = alq_core.compute_sketch(xc_host, cfg)
+            want, want_skipped = core.sums, core.skipped
+            xs = x[:checked]
 
-            variants: dict[str, Callable[[], Any]] = {
+            def check(fn: Callable[[], Any], what: str) -> None:
+                """The public op (under the current TUNING) on the checked coordinates against the core."""
+                sums, bad = fn()
+                check_close(sums, want, 1e-12, what)
+                got_skipped = int(bad.sum().item()) if bad.numel() else 0
+                if got_skipped != want_skipped:
+                    msg = f"{what}: {got_skipped} buckets skipped; the core skips {want_skipped}"
+                    raise AssertionError(msg)
+
+            check(lambda: _sketch_parts(xs, cfg), f"{key} public op")
+            body, recip, weights, _ = _normalize_inputs(x, cfg)
+            ref = alq_torch.sketch_sums(x, cfg).cpu().numpy()  # the whole array: every variant matches it too
+
+            fixed: dict[str, Callable[[], Any]] = {
                 "sketch_sums (public op)": lambda: alq_torch.sketch_sums(x, cfg),
                 "sketch kernel only": lambda: _kernels.sketch_sums(body, recip, weights, d),
                 "sketch, torch ops (bincount)": lambda: _sums_torch(body, recip, weights, d),
@@ -147,46 +199,48 @@ def main() -> None:
             }
             if has_cupy:
                 xc = alq_cupy.as_cupy(x)
-                variants["alq_cupy.sketch_sums"] = lambda: alq_cupy.sketch_sums(xc, cfg)
-            for name, fn in variants.items():
+                fixed["alq_cupy.sketch_sums"] = lambda: alq_cupy.sketch_sums(xc, cfg)
+            for name, fn in fixed.items():
                 got = fn()
                 if not name.startswith("scales"):
                     got_np = alq_cupy.as_cupy(got).get() if name.startswith("alq_cupy") else got
                     check_close(got_np, ref, 1e-10, f"{key} {name}")
-                t = bench(fn, device)
+                t = bench(fn, device, args.rep)
                 out[name] = {"seconds": t, "elements_per_s": n / t}
                 rows.append((name, key, t, f"{n / t / 1e9:.1f} G el/s"))
             if has_cupy:
-                check_close(alq_cupy.level_sketch(x[:prefix], cfg).sums, want_prefix, 1e-12, f"{key} cupy, prefix")
+                check_close(alq_cupy.level_sketch(xs, cfg).sums, want, 1e-12, f"{key} cupy")
 
-            if not args.smoke and CUDA:
-                saved = dict(_kernels.TUNING)
-                sweep: dict[str, Any] = {}
-                for block, warps, copies in (
-                    (2048, 4, 64), (4096, 8, 64), (8192, 8, 64), (8192, 16, 64), (4096, 8, 16), (4096, 8, 256),
-                    (4096, 4, 128), (16384, 16, 128),
-                ):  # fmt: skip
-                    name = f"block{block}_warps{warps}_copies{copies}"
-                    _kernels.TUNING.update(sketch_block=block, sketch_warps=warps, sketch_copies=copies)
-                    try:
-                        check_close(_kernels.sketch_sums(body, recip, weights, d), ref, 1e-10, name)
-                        sweep[name] = bench(lambda: _kernels.sketch_sums(body, recip, weights, d), device)
-                    except Exception as exc:
-                        sweep[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
-                    finally:
-                        _kernels.TUNING.clear()
-                        _kernels.TUNING.update(saved)
-                out["kernel_sweep"] = sweep
-                timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
-                if timed:
-                    best = min(timed, key=timed.__getitem__)
-                    rows.append((f"  best kernel: {best}", key, timed[best], ""))
+            # the variants, each as the public op under its TUNING overrides, checked against the core first
+            runs: dict[str, dict[str, Any]] = dict(VARIANTS)
+            if CUDA and not args.smoke and args.sweep != "none":
+                for base in SWEPT[args.sweep]:
+                    for param, values in SHAPES.items():
+                        for value in values:
+                            runs[f"{base} {param.removeprefix('sketch_')}={value}"] = {**VARIANTS[base], param: value}
+            timed: dict[str, Any] = {}
+            for name, over in runs.items():
+                try:
+                    with_tuning(over, lambda: check(lambda: _sketch_parts(xs, cfg), f"{key} {name}"))
+                    with_tuning(over, lambda: check_close(alq_torch.sketch_sums(x, cfg), ref, 1e-10, f"{key} {name}"))
+                    t = with_tuning(over, lambda: bench(lambda: alq_torch.sketch_sums(x, cfg), device, args.rep))
+                    timed[name] = {"seconds": t, "tuning": over}
+                    rows.append((f"  {name}", key, t, f"{n / t / 1e9:.1f} G el/s"))
+                except Exception as exc:  # a variant that fails to compile or to match is reported, not fatal
+                    timed[name] = {"failed": f"{type(exc).__name__}: {exc}"[:300], "tuning": over}
+                    rows.append((f"  {name}", key, float("nan"), timed[name]["failed"][:60]))
+            out["variants"] = timed
+            ok = {k: v["seconds"] for k, v in timed.items() if "seconds" in v}
+            if ok:
+                best = min(ok, key=ok.__getitem__)
+                out["best_variant"] = best
+                rows.append((f"  best: {best}", key, ok[best], ""))
 
             # the quantize kernel on the same data, for scale
             levels = default_levels(cfg)
             payload = alq_torch.quantize_encode(x, levels, cfg, seed=1)
             assert payload.numel() == alq_core.payload_size(cfg, n)
-            t_q = bench(lambda: alq_torch.quantize_encode(x, levels, cfg, seed=1, out=payload), device)
+            t_q = bench(lambda: alq_torch.quantize_encode(x, levels, cfg, seed=1, out=payload), device, args.rep)
             out["quantize_encode"] = {"seconds": t_q}
             rows.append(("quantize_encode (fused, device noise)", key, t_q, "for scale"))
             out["sketch_over_quantize"] = out["sketch_sums (public op)"]["seconds"] / t_q
@@ -194,9 +248,9 @@ def main() -> None:
     with open(args.output, "w") as fh:
         json.dump(res, fh, indent=2)
     print(f"device: {res['device']}; n = {n}")
-    print(f"{'operation':44s} {'config':>15s} {'median':>12s}  note")
+    print(f"{'operation':58s} {'config':>15s} {'median':>12s}  note")
     for name, key, secs, note in rows:
-        print(f"{name:44s} {key:>15s} {secs * 1e6:10.1f} us  {note}")
+        print(f"{name:58s} {key:>15s} {secs * 1e6:10.1f} us  {note}")
     print(f"wrote {args.output}")
 
 

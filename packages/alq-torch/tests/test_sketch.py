@@ -199,6 +199,86 @@ def test_gpu_sketch_of_a_large_gradient(norm_method: str, d: int) -> None:
     assert_sums_close(_sums_torch(body, recip, weights, d).cpu().numpy(), want.sums, "cuda torch ops")
 
 
+#: The kernel variants ``_kernels.TUNING`` selects (benchmarks/gpu_sketch.py times the same ones), with
+#: launch shapes small enough that programs take several chunks, several buckets or one bucket each.
+VARIANTS: dict[str, dict[str, object]] = {
+    "element/planes": {"sketch_fused": False, "sketch_layout": "planes", "sketch_block": 1024, "sketch_chunk": 256},
+    "element/interleaved": {"sketch_fused": False, "sketch_layout": "interleaved", "sketch_block": 512},
+    "fused/planes": {"sketch_layout": "planes", "sketch_chunk": 128, "sketch_copies": 3},
+    "fused/interleaved": {"sketch_layout": "interleaved", "sketch_chunk": 128},
+    "fused/interleaved/bucket-per-program": {"sketch_fused_elems": 1, "sketch_chunk": 64},
+    "fused/interleaved/s0-histogram": {"sketch_s0": "histogram", "sketch_fused_elems": 1, "sketch_chunk": 128},
+    "fused/planes/s0-histogram": {"sketch_layout": "planes", "sketch_s0": "histogram", "sketch_fused_elems": 1},
+    "fused/s0-histogram/several-buckets": {"sketch_s0": "histogram", "sketch_chunk": 512},  # falls back to atomics
+}
+
+
+def special_buckets(x: np.ndarray, d: int, norm: str) -> None:
+    """Write a zero bucket, a bucket of subnormals (its reciprocal scale overflows: v = 0, weight s^2 > 0) and,
+    for the L2 scale, a bucket whose scale overflows (skipped, as a bucket holding Inf) into ``x``."""
+    nb = x.size // d
+    if nb >= 3:
+        x[d : 2 * d] = 0.0
+        x[2 * d : 3 * d] = np.float32(1e-42) * np.sign(x[2 * d : 3 * d] + 0.5)
+    if nb >= 4 and norm == "l2":
+        x[3 * d : 4 * d] = np.float32(3e38)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(("method", "d", "n"), CONFIGS)
+def test_every_kernel_variant_equals_the_core(
+    kernel: None, monkeypatch: pytest.MonkeyPatch, variant: str, method: str, d: int, n: int
+) -> None:
+    from alq_torch import _kernels
+
+    for key, value in VARIANTS[variant].items():
+        monkeypatch.setitem(_kernels.TUNING, key, value)
+    cfg = QuantizerConfig(method, bits=3, bucket_size=d)
+    x = heavy(n, seed=n + 2)
+    special_buckets(x, d, cfg.norm)
+    x[min(n - 1, 5 * d + 1)] = np.nan
+    want = alq_core.compute_sketch(x, cfg)
+    fused = _kernels.TUNING["sketch_fused"] and _kernels.fused_supported(cfg)
+    calls = {"sketch_fused": 0, "sketch_sums": 0}
+    for name in calls:
+        real = getattr(_kernels, name)
+
+        def spy(*a: object, _real: object = real, _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*a)  # type: ignore[operator]
+
+        monkeypatch.setattr(_kernels, name, spy)
+    got = alq_torch.level_sketch(torch.from_numpy(x).to(DEVICE), cfg)
+    assert calls == {"sketch_fused": int(fused), "sketch_sums": int(not fused)}
+    assert_sums_close(got.sums, want.sums, f"{variant} {method} d={d} n={n}")
+    assert (got.count, got.skipped) == (want.count, want.skipped)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fused_kernel_reads_other_dtypes_as_their_float32_values(kernel: None, dtype: torch.dtype) -> None:
+    cfg = QuantizerConfig("alq-e", bits=3, bucket_size=128)
+    x = torch.from_numpy(heavy(1000, seed=5)).to(dtype)
+    want = alq_core.compute_sketch(x.to(torch.float32).numpy(), cfg)
+    assert_sums_close(alq_torch.sketch_sums(x.to(DEVICE), cfg).cpu().numpy(), want.sums, str(dtype))
+
+
+@needs_triton
+def test_bad_tuning_values_say_what_is_allowed(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alq_torch import _kernels
+
+    x = torch.from_numpy(heavy(600)).to(DEVICE)
+    cfg = QuantizerConfig("alq-e", bits=3, bucket_size=64)
+    monkeypatch.setitem(_kernels.TUNING, "sketch_layout", "rows")
+    with pytest.raises(ValueError, match=r"TUNING\['sketch_layout'\] must be one of"):
+        alq_torch.sketch_sums(x, cfg)
+    monkeypatch.setitem(_kernels.TUNING, "sketch_layout", "planes")
+    monkeypatch.setitem(_kernels.TUNING, "sketch_s0", "bincount")
+    with pytest.raises(ValueError, match=r"TUNING\['sketch_s0'\] must be 'atomic' or 'histogram'"):
+        alq_torch.sketch_sums(x, cfg)
+
+
 @needs_triton
 @pytest.mark.parametrize(("block", "copies", "use_kernel"), [(1024, 3, True), (8192, 1, True), (4096, 64, False)])
 def test_kernel_launch_shapes_and_the_switch_give_the_same_sums(
@@ -206,6 +286,7 @@ def test_kernel_launch_shapes_and_the_switch_give_the_same_sums(
 ) -> None:
     from alq_torch import _kernels
 
+    monkeypatch.setitem(_kernels.TUNING, "sketch_fused", False)
     monkeypatch.setitem(_kernels.TUNING, "sketch_block", block)
     monkeypatch.setitem(_kernels.TUNING, "sketch_copies", copies)
     monkeypatch.setitem(_kernels.TUNING, "sketch_kernel", use_kernel)

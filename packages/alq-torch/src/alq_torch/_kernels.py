@@ -1042,36 +1042,53 @@ def decode_sum(
 
 # ----------------------------------------------------------------------------------------------
 # level sketch (alq-e / alq-einf statistics): per-bin sums of s^2, s^2 v, s^2 v^2
+#
+# Two kernels. ``_sketch_fused_kernel`` (buckets the quantize kernel handles, ``TUNING["sketch_fused"]``):
+# each program takes whole buckets; a first pass computes their scales exactly as the quantize kernel
+# does (its tile loads, ``_row_scales``, clipping and ``_reciprocal``), a second pass walks the same
+# coordinates again in chunks (the re-read hits L1/L2) and adds their sums into histograms with
+# float64 atomics: one launch, no torch scale ops. ``_sketch_kernel`` (any bucket size) takes the
+# reciprocals and weights from torch (``alq_torch._sketch._normalize_inputs``).
+#
+# Histogram layouts (``TUNING["sketch_layout"]``), each in ``COPIES`` private copies (``pid % COPIES``)
+# summed at the end: "planes" ``(COPIES, 3, NB)``, three scattered atomic adds per coordinate, one
+# 32-byte sector each; "interleaved" ``(COPIES, NB, 4)``, a bin's three sums (and a spare slot) in one
+# aligned 32-byte sector, added by one atomic instruction whose lanes hold (coordinate, sum) pairs:
+# 8 coordinates per warp instruction, one sector each instead of three (fewer L2 requests, if the L2
+# serves a sector's lanes together). ``TUNING["sketch_s0"] == "histogram"`` (fused, one bucket per
+# program): the ``sum s^2`` of a bucket is ``s^2 * count`` per bin, counts from ``tl.histogram``
+# (a register histogram per program, one dense atomic add per bin), so only ``S1``, ``S2`` are
+# scattered.
 
-# Launch parameters of the sketch kernel (benchmarks/gpu_sketch.py sweeps them; not yet tuned on a GPU).
-TUNING.setdefault("sketch_kernel", True)  # alq_torch.sketch_sums on CUDA: this kernel (False: the torch ops)
-TUNING.setdefault("sketch_block", 4096)  # elements per program (power of two)
-TUNING.setdefault("sketch_warps", 8)
+# Launch parameters of the sketch kernels (benchmarks/gpu_sketch.py sweeps them; not yet tuned on a GPU).
+TUNING.setdefault("sketch_kernel", True)  # alq_torch.sketch_sums on CUDA: the Triton kernels (False: the torch ops)
+TUNING.setdefault("sketch_fused", True)  # scales inside the sketch kernel where the quantize kernel takes the bucket
+TUNING.setdefault("sketch_layout", "interleaved")  # histogram layout: "interleaved" or "planes" (see above)
+TUNING.setdefault("sketch_s0", "atomic")  # "atomic" or "histogram" (fused, one bucket per program; else atomic)
 TUNING.setdefault("sketch_copies", 64)  # histogram copies the programs spread their atomic adds over (pid % copies)
+TUNING.setdefault("sketch_block", 4096)  # _sketch_kernel: elements per program (power of two)
+TUNING.setdefault("sketch_warps", 8)  # _sketch_kernel: num_warps
+TUNING.setdefault("sketch_fused_elems", 4096)  # fused: minimum elements per program (whole buckets, as qpack_elems)
+TUNING.setdefault("sketch_fused_warps", 8)  # fused: num_warps
+TUNING.setdefault("sketch_chunk", 1024)  # coordinates per step (fused: of the second pass; power of two)
+
+#: ``tl.histogram`` size for the per-program counts (a power of two >= NUM_BINS; the last bin collects the unused).
+_SKETCH_HBINS = 2048
+_SKETCH_LAYOUTS = ("planes", "interleaved")
 
 
 @triton.jit
-def _sketch_kernel(
-    x_ptr, r_ptr, w_ptr, hist_ptr, m, d,
-    BLOCK: tl.constexpr, NB: tl.constexpr, MAG: tl.constexpr, EXP0: tl.constexpr, PER: tl.constexpr,
-    COPIES: tl.constexpr,
+def _sketch_add(
+    h_ptr, v, w, use, NB: tl.constexpr, MAG: tl.constexpr, EXP0: tl.constexpr, PER: tl.constexpr,
+    LAYOUT: tl.constexpr, S0: tl.constexpr,
 ):  # fmt: skip
-    """Add the sketch sums of ``BLOCK`` coordinates into histogram copy ``pid % COPIES`` (float64 atomics).
+    """Add ``(w, w v, w v^2)`` of the 1-D coordinates ``v`` (float32, clamped; 0 where not ``use``) into
+    the histogram copy at ``h_ptr`` (float64 atomics); ``w`` float64, same shape. ``S0``: also the ``w``
+    (else the caller adds the counts). Returns the bins (NUM_BINS - 1 ... as ``alq_core.sketch_bins``).
 
-    ``r`` float32 (nb,): the buckets' reciprocal scales (the core's ``reciprocal_scales``); ``w`` float64
-    (nb,): ``s^2``, 0 in non-finite buckets. ``v = clamp(x * r, -1, 1)`` (one float32 rounding), and the
-    bin from the bits of ``|v|`` exactly as ``alq_core.sketch_bins``. Coordinates of weight 0 add nothing.
+    The bin from the bits of ``|v|`` exactly as ``alq_core.sketch_bins``; coordinates with ``v == 0``
+    add nothing to ``S1``, ``S2``.
     """
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < m
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = offs // d
-    r = tl.load(r_ptr + b, mask=mask, other=0.0)
-    w = tl.load(w_ptr + b, mask=mask, other=0.0)
-    use = mask & (w > 0)
-    v = tl.minimum(tl.maximum(x * r, -1.0), 1.0)
-    v = tl.where(use, v, 0.0)
     a = tl.abs(v).to(tl.int32, bitcast=True)
     e = a >> 23
     mag = tl.minimum(1 + (e - EXP0) * PER + ((a >> 18) & (PER - 1)), MAG - 1)
@@ -1079,11 +1096,188 @@ def _sketch_kernel(
     bins = tl.where(v < 0, MAG - 1 - mag, MAG + mag)
     v64 = v.to(tl.float64)
     wv = w * v64
-    base = hist_ptr + (pid % COPIES) * (3 * NB) + bins
-    tl.atomic_add(base, w, mask=use, sem="relaxed")
     nz = use & (v != 0)
-    tl.atomic_add(base + NB, wv, mask=nz, sem="relaxed")
-    tl.atomic_add(base + 2 * NB, wv * v64, mask=nz, sem="relaxed")
+    if LAYOUT == 0:  # planes: (3, NB)
+        base = h_ptr + bins
+        if S0:
+            tl.atomic_add(base, w, mask=use, sem="relaxed")
+        tl.atomic_add(base + NB, wv, mask=nz, sem="relaxed")
+        tl.atomic_add(base + 2 * NB, wv * v64, mask=nz, sem="relaxed")
+    else:  # interleaved: (NB, 4), a bin's sums in one 32-byte sector; lanes take (coordinate, slot) pairs
+        if S0:
+            q = tl.arange(0, 4)[None, :]
+            val = tl.where(q == 0, w[:, None], tl.where(q == 1, wv[:, None], (wv * v64)[:, None]))
+            qm = tl.where(q == 0, use[:, None], nz[:, None] & (q < 3))
+            tl.atomic_add(h_ptr + bins[:, None] * 4 + q, val, mask=qm, sem="relaxed")
+        else:
+            q = 1 + tl.arange(0, 2)[None, :]
+            val = tl.where(q == 1, wv[:, None], (wv * v64)[:, None])
+            tl.atomic_add(h_ptr + bins[:, None] * 4 + q, val, mask=nz[:, None] & (q > 0), sem="relaxed")
+    return bins
+
+
+@triton.jit
+def _sketch_kernel(
+    x_ptr, r_ptr, w_ptr, hist_ptr, m,
+    D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, MAG: tl.constexpr,
+    EXP0: tl.constexpr, PER: tl.constexpr, COPIES: tl.constexpr, LAYOUT: tl.constexpr,
+):  # fmt: skip
+    """Add the sketch sums of ``BLOCK`` coordinates (``CHUNK`` at a time) into histogram copy ``pid % COPIES``.
+
+    ``r`` float32 (nb,): the buckets' reciprocal scales (the core's ``reciprocal_scales``); ``w`` float64
+    (nb,): ``s^2``, 0 in non-finite buckets. ``v = clamp(x * r, -1, 1)`` (one float32 rounding), and the
+    bin from the bits of ``|v|`` exactly as ``alq_core.sketch_bins``. Coordinates of weight 0 add nothing.
+    """
+    pid = tl.program_id(0)
+    h_ptr = hist_ptr + (pid % COPIES) * (4 * NB if LAYOUT else 3 * NB)
+    for c in tl.range(0, BLOCK // CHUNK):
+        offs = pid * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < m
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = offs // D
+        r = tl.load(r_ptr + b, mask=mask, other=0.0)
+        w = tl.load(w_ptr + b, mask=mask, other=0.0)
+        use = mask & (w > 0)
+        v = tl.where(use, tl.minimum(tl.maximum(x * r, -1.0), 1.0), 0.0)
+        _sketch_add(h_ptr, v, w, use, NB, MAG, EXP0, PER, LAYOUT, True)
+
+
+@triton.jit
+def _sketch_block(
+    x_ptr, r_ptr, w_ptr, t_ptr, bad_ptr, h_ptr, rows, m, nb, ngroups, clip_bits,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, LINF: tl.constexpr, CLIP: tl.constexpr,
+    LIB: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, MAG: tl.constexpr,
+    EXP0: tl.constexpr, PER: tl.constexpr, LAYOUT: tl.constexpr, S0HIST: tl.constexpr, HBINS: tl.constexpr,
+):  # fmt: skip
+    """The sketch of buckets ``rows`` (whole buckets, ``ROWS`` of them): scales, then sums.
+
+    Pass 1 is the quantize kernel's (``_qpack_tile``): the tile as two (ROWS, G, 4) halves, the scale
+    ``s`` (before clipping: non-finite marks a bad bucket, stored in ``bad``), the clip threshold ``t``
+    and the scale after clipping, ``r = float32(1 / s)``, ``w = float64(s)^2`` (0 in bad buckets).
+    Pass 2 reads the coordinates again, ``CHUNK`` at a time in 1-D, clips them with ``t``, and adds
+    ``v = clamp(x * r, -1, 1)``. With one bucket (``ROWS == 1``) ``r``, ``w``, ``t`` stay scalars;
+    otherwise they go through ``r_ptr``, ``w_ptr``, ``t_ptr`` (per bucket) and a barrier.
+    """
+    a, b = _load_tile(x_ptr, rows, m, nb, ngroups, D, G, MASKED)
+    rmask = rows < nb
+    s = _row_scales(a, b, LINF, LIB)
+    good = s < float("inf")  # NaN and Inf (and overflow) mark a bad bucket, as the core's isfinite
+    tl.store(bad_ptr + rows, (~good).to(tl.int8), mask=rmask)
+    if CLIP:
+        _, _, mlo, mhi, _ = _group_tile(rows, m, nb, ngroups, D, G, MASKED)
+        clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        cnt = tl.sum(tl.sum(mlo.to(tl.int32) + mhi.to(tl.int32), axis=2), axis=1)
+        cnt64 = tl.maximum(cnt, 1).to(tl.float64)
+        mean = _div64(tl.sum(_sum64_groups(a, mlo) + _sum64_groups(b, mhi), axis=1), cnt64, LIB)
+        sq = tl.sum(_sqdev_groups(a, mlo, mean) + _sqdev_groups(b, mhi, mean), axis=1)
+        t = (clip * _sqrt64(_div64(sq, cnt64, LIB), LIB)).to(tl.float32)
+        s = _row_scales(_clip_half(a, mlo, t), _clip_half(b, mhi, t), LINF, LIB)
+    else:
+        t = tl.zeros(s.shape, tl.float32)
+    ok = rmask & good & (s < float("inf"))
+    r = tl.where(ok, _reciprocal(s), 0.0)
+    s64 = s.to(tl.float64)
+    w = tl.where(ok, s64 * s64, 0.0)
+    lo = tl.program_id(0) * (ROWS * D)  # the block's first coordinate
+    NCH: tl.constexpr = (ROWS * D + CHUNK - 1) // CHUNK
+    ar = tl.arange(0, CHUNK)
+    if ROWS == 1:
+        r1 = tl.sum(r, axis=0)
+        w1 = tl.sum(w, axis=0)
+        t1 = tl.sum(t, axis=0)
+        if w1 > 0:
+            if S0HIST:
+                counts = tl.zeros((HBINS,), tl.int32)
+            for c in tl.range(0, NCH):
+                k = c * CHUNK + ar
+                offs = lo + k
+                mask = (k < D) & (offs < m)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if CLIP:
+                    x = tl.minimum(tl.maximum(x, -t1), t1)
+                v = tl.where(mask, tl.minimum(tl.maximum(x * r1, -1.0), 1.0), 0.0)
+                wel = tl.zeros((CHUNK,), tl.float64) + w1
+                bins = _sketch_add(h_ptr, v, wel, mask, NB, MAG, EXP0, PER, LAYOUT, not S0HIST)
+                if S0HIST:
+                    counts += tl.histogram(tl.where(mask, bins, HBINS - 1), HBINS)
+            if S0HIST:
+                hb = tl.arange(0, HBINS)
+                hs = hb * 4 if LAYOUT else hb
+                tl.atomic_add(h_ptr + hs, w1 * counts.to(tl.float64), mask=(hb < NB) & (counts > 0), sem="relaxed")
+    else:
+        tl.store(r_ptr + rows, r, mask=rmask)
+        tl.store(w_ptr + rows, w, mask=rmask)
+        if CLIP:
+            tl.store(t_ptr + rows, t, mask=rmask)
+        tl.debug_barrier()  # the block's own global writes are visible to all its threads after the barrier
+        for c in tl.range(0, NCH):
+            k = c * CHUNK + ar
+            offs = lo + k
+            mask = (k < ROWS * D) & (offs < m)
+            bk = offs // D
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if CLIP:
+                tt = tl.load(t_ptr + bk, mask=mask, other=0.0)
+                x = tl.minimum(tl.maximum(x, -tt), tt)
+            wel = tl.load(w_ptr + bk, mask=mask, other=0.0)
+            use = mask & (wel > 0)
+            v = tl.where(use, tl.minimum(tl.maximum(x * tl.load(r_ptr + bk, mask=mask, other=0.0), -1.0), 1.0), 0.0)
+            _sketch_add(h_ptr, v, wel, use, NB, MAG, EXP0, PER, LAYOUT, True)
+
+
+@triton.jit(do_not_specialize=["clip_bits"])
+def _sketch_fused_kernel(
+    x_ptr, r_ptr, w_ptr, t_ptr, bad_ptr, hist_ptr, m, nb, n_even, ngroups, clip_bits,
+    D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, LINF: tl.constexpr, CLIP: tl.constexpr,
+    LIB: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, MAG: tl.constexpr, EXP0: tl.constexpr,
+    PER: tl.constexpr, COPIES: tl.constexpr, LAYOUT: tl.constexpr, S0HIST: tl.constexpr, HBINS: tl.constexpr,
+):  # fmt: skip
+    """Program ``pid``: buckets ``pid * ROWS ..`` (blocks below ``n_even`` hold only full buckets: unmasked
+    tile loads), into histogram copy ``pid % COPIES``. See :func:`_sketch_block`."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    h_ptr = hist_ptr + (pid % COPIES) * (4 * NB if LAYOUT else 3 * NB)
+    if pid < n_even:
+        _sketch_block(x_ptr, r_ptr, w_ptr, t_ptr, bad_ptr, h_ptr, rows, m, nb, ngroups, clip_bits, D, G, ROWS,
+                      LINF, CLIP, LIB, False, CHUNK, NB, MAG, EXP0, PER, LAYOUT, S0HIST, HBINS)  # fmt: skip
+    else:
+        _sketch_block(x_ptr, r_ptr, w_ptr, t_ptr, bad_ptr, h_ptr, rows, m, nb, ngroups, clip_bits, D, G, ROWS,
+                      LINF, CLIP, LIB, True, CHUNK, NB, MAG, EXP0, PER, LAYOUT, S0HIST, HBINS)  # fmt: skip
+
+
+def _sketch_hist(copies: int, layout: int, device: torch.device) -> torch.Tensor:
+    from alq_core._sketch import NUM_BINS
+
+    shape = (copies, NUM_BINS, 4) if layout else (copies, 3, NUM_BINS)
+    return torch.zeros(shape, dtype=torch.float64, device=device)
+
+
+def _sketch_total(hist: torch.Tensor, layout: int) -> torch.Tensor:
+    """The copies summed: float64 ``(3, NUM_BINS)``, contiguous."""
+    if layout:
+        return hist.sum(dim=0)[:, :3].t().contiguous()
+    return hist.sum(dim=0)
+
+
+def _sketch_layout() -> int:
+    name = TUNING["sketch_layout"]
+    if name not in _SKETCH_LAYOUTS:
+        msg = f"TUNING['sketch_layout'] must be one of {_SKETCH_LAYOUTS}; got {name!r}"
+        raise ValueError(msg)
+    return _SKETCH_LAYOUTS.index(name)
+
+
+def _sketch_consts() -> dict[str, int]:
+    from alq_core._sketch import MAG_BINS, NUM_BINS, OCTAVES, PER_OCTAVE
+
+    return {"NB": NUM_BINS, "MAG": MAG_BINS, "EXP0": 127 - OCTAVES, "PER": PER_OCTAVE}
+
+
+def _check_sketch_size(m: int, span: int) -> None:
+    """Offsets stay int32: ``m`` plus what a program may read past it."""
+    if m >= 2**31 - 2 * max(span, MAX_FUSED_BUCKET):
+        msg = f"the sketch kernel handles fewer than 2**31 coordinates per call; got {m}"
+        raise ValueError(msg)
 
 
 def sketch_sums(body: torch.Tensor, recip: torch.Tensor, weights: torch.Tensor, bucket_size: int) -> torch.Tensor:
@@ -1102,20 +1296,77 @@ def sketch_sums(body: torch.Tensor, recip: torch.Tensor, weights: torch.Tensor, 
     The summation order depends on the scheduling of the atomic adds: results agree with
     :func:`alq_core.compute_sketch` to float64 rounding, not bit for bit.
     """
-    from alq_core._sketch import MAG_BINS, NUM_BINS, OCTAVES, PER_OCTAVE
-
     m = body.numel()
-    if m >= 2**31 - 2 * int(TUNING["sketch_block"]):
-        msg = f"the sketch kernel handles fewer than 2**31 coordinates per call; got {m}"
-        raise ValueError(msg)
+    block = int(TUNING["sketch_block"])
+    _check_sketch_size(m, block)
     copies = int(TUNING["sketch_copies"])
-    hist = torch.zeros(copies, 3, NUM_BINS, dtype=torch.float64, device=body.device)
+    layout = _sketch_layout()
+    hist = _sketch_hist(copies, layout, body.device)
     if m:
-        block = int(TUNING["sketch_block"])
         interp = _interpret()
         extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["sketch_warps"]), "enable_fp_fusion": False}
-        _sketch_kernel[(-(-m // block),)](
-            body, recip, weights, hist, m, bucket_size,
-            BLOCK=block, NB=NUM_BINS, MAG=MAG_BINS, EXP0=127 - OCTAVES, PER=PER_OCTAVE, COPIES=copies, **extra,
+        _launch(
+            _sketch_kernel,
+            (-(-m // block),),
+            (body, recip, weights, hist, m),
+            dict(D=bucket_size, BLOCK=block, CHUNK=min(block, int(TUNING["sketch_chunk"])), COPIES=copies,
+                 LAYOUT=layout, **_sketch_consts()),
+            extra,
         )  # fmt: skip
-    return hist.sum(dim=0)
+    return _sketch_total(hist, layout)
+
+
+def sketch_fused(body: torch.Tensor, config: QuantizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sketch sums of the quantized coordinates ``body`` with the scales computed in the kernel.
+
+    Parameters
+    ----------
+    body : Tensor of float16, bfloat16 or float32, shape (m,), contiguous
+        The first ``config.num_quantized(n)`` coordinates, unclipped (the kernel clips as the
+        quantize kernel does).
+    config : QuantizerConfig
+        A quantized method with :func:`fused_supported`.
+
+    Returns
+    -------
+    sums : Tensor of float64, shape (3, NUM_BINS)
+        As :func:`sketch_sums` (agree with :func:`alq_core.compute_sketch` to float64 rounding).
+    bad : Tensor of bool, shape (ceil(m / bucket_size),)
+        Buckets whose scale is not finite (NaN or Inf inside, or overflow); they add nothing.
+    """
+    m = body.numel()
+    d = config.bucket_size
+    nb = -(-m // d)
+    copies = int(TUNING["sketch_copies"])
+    layout = _sketch_layout()
+    chunk = int(TUNING["sketch_chunk"])
+    dp2 = _next_pow2(d)
+    rows = max(1, int(TUNING["sketch_fused_elems"]) // dp2)
+    _check_sketch_size(m, rows * d + chunk)
+    s0 = TUNING["sketch_s0"]
+    if s0 not in ("atomic", "histogram"):
+        msg = f"TUNING['sketch_s0'] must be 'atomic' or 'histogram'; got {s0!r}"
+        raise ValueError(msg)
+    hist = _sketch_hist(copies, layout, body.device)
+    bad = torch.empty(nb, dtype=torch.int8, device=body.device)
+    if m:
+        interp = _interpret()
+        clip = float(config.clip) if config.clip is not None else 0.0
+        # per-bucket r, w, t pass through memory only when a program holds several buckets
+        scratch = rows > 1
+        r = torch.empty(nb if scratch else 1, dtype=torch.float32, device=body.device)
+        w = torch.empty(nb if scratch else 1, dtype=torch.float64, device=body.device)
+        t = torch.empty(nb if scratch and config.clip is not None else 1, dtype=torch.float32, device=body.device)
+        extra: dict[str, Any] = {} if interp else {"num_warps": int(TUNING["sketch_fused_warps"]),
+                                                   "enable_fp_fusion": False}  # fmt: skip
+        _launch(
+            _sketch_fused_kernel,
+            (-(-nb // rows),),
+            (body, r, w, t, bad, hist, m, nb, (m // d) // rows, -(-m // 8),
+             struct.unpack("<q", struct.pack("<d", clip))[0]),
+            dict(D=d, G=dp2 // 8, ROWS=rows, LINF=config.norm == "linf", CLIP=config.clip is not None,
+                 LIB=not interp, CHUNK=chunk, COPIES=copies, LAYOUT=layout,
+                 S0HIST=s0 == "histogram" and rows == 1, HBINS=_SKETCH_HBINS, **_sketch_consts()),
+            extra,
+        )  # fmt: skip
+    return _sketch_total(hist, layout), bad.bool()

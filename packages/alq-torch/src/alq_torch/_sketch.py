@@ -8,10 +8,14 @@ path's own scale and reciprocal code (:mod:`alq_torch._quantize`), so it is bit-
 integer recipe of :func:`alq_core.sketch_bins`: bin indices equal the core's exactly; the sums
 equal :func:`alq_core.compute_sketch`'s up to float64 summation order.
 
-Two implementations: vectorized torch ops (any device; ``torch.bincount`` with float64
-weights) and, on CUDA, a Triton kernel (:func:`alq_torch._kernels.sketch_sums`: one pass,
-float64 atomic adds spread over private histogram copies). Buckets holding NaN or Inf (and
-buckets whose scale overflows) contribute nothing; :func:`level_sketch` counts them.
+Implementations: vectorized torch ops (any device; ``torch.bincount`` with float64 weights)
+and, on CUDA, Triton kernels (float64 atomic adds spread over private histogram copies):
+where the fused quantize kernel takes the bucket size (``_kernels.fused_supported``), one
+launch computes the scales exactly as that kernel does and then the sums
+(:func:`alq_torch._kernels.sketch_fused`); other bucket sizes take the torch scales and
+:func:`alq_torch._kernels.sketch_sums`. ``_kernels.TUNING`` selects the variant. Buckets
+holding NaN or Inf (and buckets whose scale overflows) contribute nothing;
+:func:`level_sketch` counts them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import torch
 from alq_core import QuantizerConfig
 from alq_core._sketch import MAG_BINS, NUM_BINS, OCTAVES, PER_OCTAVE
 
-from ._quantize import _bucket_rows, _clip_rows, bucket_scales, check_config, flat_float32, reciprocal_scales
+from ._quantize import (
+    _bucket_rows,
+    _clip_rows,
+    bucket_scales,
+    check_config,
+    check_tensor,
+    flat_float32,
+    reciprocal_scales,
+)
 
 #: Biased float32 exponent of the grid's smallest nonzero edge ``2^-OCTAVES``.
 _EXP0 = 127 - OCTAVES
@@ -47,16 +59,21 @@ def sketch_bins(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v < 0, (MAG_BINS - 1) - mag, MAG_BINS + mag).long()
 
 
+def _check_sketch_config(config: object) -> QuantizerConfig:
+    config = check_config(config)
+    if not config.quantized:
+        msg = f"`config` must be a quantized method (the sketch summarizes what is rounded); got {config.method!r}"
+        raise ValueError(msg)
+    return config
+
+
 def _normalize_inputs(
     x: torch.Tensor, config: QuantizerConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(body, recip, weights, bad)``: the quantized coordinates (clipped where the config clips), float32 ``(m,)``;
     per bucket ``float32(1 / s)`` (0 where not finite), ``float64(s)^2`` (0 in non-finite buckets) and the
     non-finite mask, each ``(config.num_buckets(n),)`` -- exactly as :func:`alq_torch._quantize.quantize_flat`."""
-    config = check_config(config)
-    if not config.quantized:
-        msg = f"`config` must be a quantized method (the sketch summarizes what is rounded); got {config.method!r}"
-        raise ValueError(msg)
+    config = _check_sketch_config(config)
     flat = flat_float32(x)
     m = config.num_quantized(flat.numel())
     body = flat[:m]
@@ -95,6 +112,15 @@ def _sums_torch(body: torch.Tensor, recip: torch.Tensor, weights: torch.Tensor, 
     return out
 
 
+def _kernel_body(x: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
+    """The quantized coordinates as the fused kernel reads them: float16 / bfloat16 / float32 as given
+    (converted exactly in the kernel), float64 rounded to float32; contiguous ``(m,)``."""
+    flat = check_tensor(x).detach().reshape(-1)
+    if flat.dtype == torch.float64:
+        flat = flat.to(torch.float32)
+    return flat[: config.num_quantized(flat.numel())].contiguous()
+
+
 def _use_kernel(device: torch.device) -> bool:
     from ._wire import _force_kernels
 
@@ -109,11 +135,15 @@ def _use_kernel(device: torch.device) -> bool:
 
 def _sketch_parts(x: torch.Tensor, config: QuantizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, bad)``: float64 ``(3, NUM_BINS)`` and the non-finite bucket mask, on ``x``'s device, no sync."""
-    body, recip, weights, bad = _normalize_inputs(x, config)
-    if _use_kernel(body.device) and body.numel() < 2**30:
+    config = _check_sketch_config(config)
+    if _use_kernel(check_tensor(x).device) and config.num_quantized(x.numel()) < 2**30:
         from . import _kernels
 
+        if _kernels.TUNING["sketch_fused"] and _kernels.fused_supported(config):
+            return _kernels.sketch_fused(_kernel_body(x, config), config)
+        body, recip, weights, bad = _normalize_inputs(x, config)
         return _kernels.sketch_sums(body, recip, weights, config.bucket_size), bad
+    body, recip, weights, bad = _normalize_inputs(x, config)
     return _sums_torch(body, recip, weights, config.bucket_size), bad
 
 
