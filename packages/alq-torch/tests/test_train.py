@@ -286,12 +286,14 @@ def test_cli_exact_1d_sends_1d_tensors_exactly_and_reports_it(tmp_path, capsys) 
     rows = {r["method"]: r for r in payload["summary"]}
     assert set(rows) == {"alq+1d", "qsgdinf+1d", "fp32"}
     assert rows["alq+1d"]["base_method"] == "alq" and rows["alq+1d"]["exact_1d"] is True
+    cfg = payload["settings"]
     net = build_model("mlp-16", (64,), 10)
     mask = exact_mask_from_params(list(net.parameters()))
     n, e = int(mask.numel()), int(mask.sum())
     assert (
         rows["alq+1d"]["bits_per_step"]
-        == 8 * alq_core.payload_size(alq_core.QuantizerConfig("alq", bucket_size=256), n - e) + 32 * e
+        == 8 * alq_core.payload_size(alq_core.QuantizerConfig("alq", bits=cfg["bits"], bucket_size=cfg["bucket_size"]), n - e)
+        + 32 * e
     )
     assert set(payload["same_gradient_variance"]) == {"alq+1d", "qsgdinf+1d", "fp32"}
     assert rows["alq+1d"]["variance_same_grads"] > 0

@@ -1,6 +1,6 @@
 """``alq-train``: train with every quantization method side by side and report like the paper.
 
-Without arguments it runs the default comparison: the nine methods, 3 bits,
+Without arguments it runs the default comparison: every method, 2 bits,
 K = 16 simulated workers, an MLP on scikit-learn's bundled handwritten digits,
 three seeds; a few minutes on a 2-core CPU. Under ``torchrun`` (``WORLD_SIZE``
 > 1) the same flags train with real DDP and the ALQ communication hook.
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Train with several gradient quantization methods side by side (K simulated workers on one "
             "device, or real DDP under torchrun) and report validation accuracy, normalized quantization "
             "variance, bits on the wire and the time spent quantizing and updating levels, like Table 1 "
-            "of Faghri et al., NeurIPS 2020. With no arguments: all nine methods, 3 bits, bucket 128, K=16 workers, "
+            "of Faghri et al., NeurIPS 2020. With no arguments: every method, 2 bits, bucket 1024, K=16 workers, "
             "an MLP on the built-in handwritten digits, 3 seeds (a few minutes on a 2-core CPU)."
         ),
         formatter_class=argparse.HelpFormatter,
