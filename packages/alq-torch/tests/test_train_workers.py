@@ -162,3 +162,28 @@ def test_other_buffers_fall_back_or_refuse() -> None:
         GradientComputer(net, amp="fp16")
     with pytest.raises(ValueError, match=r"expected xs \(K, B, \.\.\.\) and ys \(K, B\)"):
         GradientComputer(net)(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_channels_last_falls_back_when_vmap_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.11 on CUDA raised "NYI: Tensor.clone(memory_format) inside vmap ... (got ChannelsLast)"
+    # in the backward pass; training must continue in the contiguous layout.
+    net = _tiny_resnet().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    gc = GradientComputer(net, "batched", channels_last=True)
+    real = GradientComputer._batched
+    calls = []
+
+    def flaky(self: GradientComputer, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, float]:
+        calls.append(xs.is_contiguous())
+        if len(calls) == 1:
+            raise RuntimeError("NYI: Tensor.clone(memory_format) inside vmap is only supported with ...")
+        return real(self, xs, ys)
+
+    monkeypatch.setattr(GradientComputer, "_batched", flaky)
+    xs, ys = _data(2)
+    with pytest.warns(RuntimeWarning, match="continue in the contiguous layout"):
+        grads, loss = gc(xs, ys)
+    assert grads.shape[0] == 2 and loss > 0 and not gc.channels_last and calls[-1]
+    assert all(p.is_contiguous() for p in net.parameters())
+    monkeypatch.setattr(GradientComputer, "_batched", lambda *a: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        gc(xs, ys)

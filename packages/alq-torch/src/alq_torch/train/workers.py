@@ -19,6 +19,7 @@ variance for ``running_var``, and ``num_batches_tracked += K``
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, cast
 
@@ -388,10 +389,25 @@ class GradientComputer:
         if xs.ndim < 2 or ys.shape != xs.shape[:2]:
             msg = f"expected xs (K, B, ...) and ys (K, B); got xs {tuple(xs.shape)} and ys {tuple(ys.shape)}"
             raise ValueError(msg)
-        xs = self._inputs(xs)
         if self.batched:
-            return self._batched(xs, ys)
-        return self._sequential(xs, ys)
+            try:
+                return self._batched(self._inputs(xs), ys)
+            except RuntimeError as exc:
+                # torch 2.11 on CUDA (seen on an H200): "NYI: Tensor.clone(memory_format) inside vmap is
+                # only supported with ... (got ChannelsLast)" in the backward pass. Fall back to the
+                # contiguous layout for the rest of the run instead of stopping training.
+                if not (self.channels_last and "inside vmap" in str(exc)):
+                    raise
+                warnings.warn(
+                    f"channels_last is not supported by this torch's vmap ({exc}); the batched workers "
+                    "continue in the contiguous layout",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.channels_last = False
+                self.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+                return self._batched(xs, ys)
+        return self._sequential(self._inputs(xs), ys)
 
     def set_grad(self, flat: Tensor) -> None:
         """Write a flat gradient (n,) into the parameters' ``.grad``."""
