@@ -131,3 +131,19 @@ def test_fsdp_bench_on_a_fake_two_rank_group(tmp_path: Path) -> None:
     }
     sent, exact = res["bytes per step (this rank)"]["alq"], res["bytes per step (this rank)"]["exact float32"]
     assert 0 < sent < exact / 8  # 3-bit payloads vs float32 chunks
+
+
+def test_cifar_table_merges_harness_runs(tmp_path: Path) -> None:
+    pytest.importorskip("alq_torch")
+    tiny = ["-m", "alq_torch.train", "--steps", "4", "--workers", "2", "--log-every", "2", "--eval-every", "2"]
+    tiny += ["--no-progress", "--no-plots"]
+    for method, seed in [("fp32", 0), ("alq-einf", 0), ("alq-einf", 1), ("qsgdinf", 0)]:
+        _run(*tiny, "--methods", method, "--seeds", seed, "--out", tmp_path / f"{method}-{seed}")
+    dirs = sorted(tmp_path.glob("*-*"))
+    _run(HERE / "cifar_table.py", tmp_path / "t", *dirs, "--paper", "rebuttal-k16")
+    res = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"fp32", "alq-einf", "qsgdinf"} and rows["alq-einf"]["seeds"] == [0, 1]
+    assert "| qsgdinf |" in (tmp_path / "t.md").read_text() and (tmp_path / "t.png").is_file()
+    _run(HERE / "cifar_table.py", tmp_path / "s", *dirs, "--group-by", "bucket_size")
+    assert "bucket_size 1024" in (tmp_path / "s.md").read_text()
