@@ -813,6 +813,16 @@ def _register_comm_type() -> None:
         ReduceScatter.register(ALQReduceScatter)
 
 
+def _param_groups(m: Any) -> list[Any]:
+    """The FSDP parameter groups of one FSDP module: a list in torch 2.13, one group or None in torch 2.11."""
+    state = m._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    one = getattr(state, "_fsdp_param_group", None)
+    return [] if one is None else [one]
+
+
 def _fsdp_modules(module: torch.nn.Module) -> list[Any]:
     """FSDP modules of ``module`` (itself included) that own parameters."""
     from torch.distributed.fsdp import FSDPModule
@@ -820,7 +830,7 @@ def _fsdp_modules(module: torch.nn.Module) -> list[Any]:
     found = []
     for m in module.modules():
         if isinstance(m, FSDPModule):
-            groups = m._get_fsdp_state()._fsdp_param_groups
+            groups = _param_groups(m)
             if any(g.fsdp_params for g in groups):
                 found.append(m)
     return found
@@ -880,7 +890,7 @@ def register_fsdp(
         names = mesh.mesh_dim_names or ()
         replicate_group = mesh.get_group("replicate" if "replicate" in names else 0)
     for m in mods:
-        for g in m._get_fsdp_state()._fsdp_param_groups:
+        for g in _param_groups(m):
             if g._is_hsdp:
                 msg = (
                     "hybrid=True quantizes the replicate dimension itself, but this module uses FSDP2's native HSDP "

@@ -1065,7 +1065,7 @@ TUNING.setdefault("sketch_kernel", True)  # alq_torch.sketch_sums on CUDA: the T
 TUNING.setdefault("sketch_fused", True)  # scales inside the sketch kernel where the quantize kernel takes the bucket
 TUNING.setdefault("sketch_layout", "interleaved")  # histogram layout: "interleaved" or "planes" (see above)
 TUNING.setdefault("sketch_s0", "atomic")  # "atomic" or "histogram" (fused, one bucket per program; else atomic)
-TUNING.setdefault("sketch_copies", 64)  # histogram copies the programs spread their atomic adds over (pid % copies)
+TUNING.setdefault("sketch_copies", 256)  # histogram copies the programs spread their atomic adds over (pid % copies)
 TUNING.setdefault("sketch_block", 4096)  # _sketch_kernel: elements per program (power of two)
 TUNING.setdefault("sketch_warps", 8)  # _sketch_kernel: num_warps
 TUNING.setdefault("sketch_fused_elems", 4096)  # fused: minimum elements per program (whole buckets, as qpack_elems)
