@@ -627,6 +627,11 @@ class ALQReduceScatter(_ALQComm):
     config : alq_core.QuantizerConfig
         Method, bits, bucket size, norm, tail, clipping (``nonfinite`` becomes ``"propagate"``: a chunk
         holding NaN or Inf decodes to NaN, so AMP's scaler skips the step).
+    **kwargs
+        The keyword options below, shared with :class:`ALQAllReduceHook`.
+
+    Other Parameters
+    ----------------
     stats_group : ProcessGroup, optional
         Ranks whose statistics are merged for a level update and which share one table (default: the world).
     warmup_steps : int
