@@ -80,7 +80,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-import time
 from collections import deque
 from typing import Any
 
@@ -89,12 +88,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from alq_core import PayloadError, QuantizerConfig, payload_size
-from alq_core._sketch import NUM_BINS
 
-from ._sketch import _sketch_parts
-from ._stats import bucket_stats
+from ._levels_sync import local_stats, sync_levels
 from ._tables import header_tensor, level_table
-from ._telemetry import BucketRecord, LevelUpdateRecord, StepRecord, current_stream
+from ._telemetry import BucketRecord, LevelUpdateRecord, RecordHistory, StepRecord, current_stream
 from ._wire import decode_sum, quantize_encode
 
 __all__ = ["ALQAllReduceHook", "ALQReduceScatter", "register_fsdp"]
@@ -169,7 +166,7 @@ class _PendingFlags:
         return [(int(i), int(r)) for i, r in torch.nonzero(self._flags).tolist()]
 
 
-class _ALQComm:
+class _ALQComm(RecordHistory):
     """What :class:`ALQReduceScatter` and :class:`ALQAllReduceHook` share: levels, rounds, telemetry, state."""
 
     _kind = ""
@@ -260,23 +257,6 @@ class _ALQComm:
         return self._table_host, version
 
     # --------------------------------------------------------------- telemetry
-    @property
-    def telemetry(self) -> list[StepRecord]:
-        """Kept :class:`StepRecord` s, oldest first, one per round (GPU timings resolved: synchronizes)."""
-        records = list(self._records)
-        for r in records:
-            r._resolve(block=True)
-        return records
-
-    @property
-    def last_record(self) -> StepRecord | None:
-        """The most recent completed round's record (resolved), or None."""
-        if not self._records:
-            return None
-        rec = self._records[-1]
-        rec._resolve(block=True)
-        return rec
-
     # ------------------------------------------------------------------ rounds
     def _begin_call(self) -> tuple[int, StepRecord | None]:
         if not self._in_round:
@@ -330,16 +310,7 @@ class _ALQComm:
         cfg = self.config
         rows: list[torch.Tensor] = []
         for x in parts:
-            if cfg.spec.stats == "empirical":
-                sums, bad = _sketch_parts(x, cfg)
-                n = x.numel()
-                counts = torch.tensor([cfg.num_quantized(n), 0.0, cfg.num_buckets(n)], dtype=torch.float64)
-                counts = counts.to(x.device, non_blocking=True)
-                counts[1] = bad.sum()
-                rows.append(torch.cat([sums.reshape(-1), counts]))
-            else:
-                norms, means, stds, sizes = bucket_stats(x, cfg.bucket_size)
-                rows.append(torch.stack([norms, means, stds, sizes.to(torch.float64)]))
+            rows.append(local_stats(x, cfg))
         if not rows:
             return
         stat = torch.stack(rows).sum(dim=0) if cfg.spec.stats == "empirical" else torch.cat(rows, dim=1)
@@ -352,97 +323,28 @@ class _ALQComm:
 
     # ------------------------------------------------------------ level update
     def _update_levels(self) -> LevelUpdateRecord:
-        t0 = time.perf_counter()
-        before = self.table_version
         group = self.stats_group
         device = self._stats_device or torch.device("cpu")
         for _, event in self._stats:
             if event is not None:
                 current_stream(device).wait_event(event)
-        stats = [s for s, _ in self._stats]
-        empirical = self.config.spec.stats == "empirical"
-        rank = dist.get_rank(group)
-        payload = self._fit_sketch(stats, device, rank) if empirical else self._fit_buckets(stats, device, rank)
-        if dist.get_world_size(group) > 1:
-            src = dist.get_global_rank(group, 0) if group is not None else 0
-            dist.broadcast_object_list(payload, src=src, group=group, device=device)
-            if rank != 0:
-                self.quantizer.load_state_dict(payload[0])
-        after = self.table_version
-        lv = self.levels
-        return LevelUpdateRecord(
+
+        def gather(out: torch.Tensor, inp: torch.Tensor, async_op: bool) -> None:
+            _all_gather_flat(out, inp, group)
+
+        return sync_levels(
+            self.quantizer,
+            self.config,
+            [s for s, _ in self._stats],
             step=self.step,
-            updated=after != before,
-            reason=str(payload[1]),
-            version=after,
-            previous_version=before,
-            num_buckets=int(payload[2]),
-            seconds=time.perf_counter() - t0,
-            levels=tuple(float(v) for v in lv) if lv is not None else (),
+            rank=dist.get_rank(group),
+            world=dist.get_world_size(group),
+            group=group,
+            device=device,
+            gather=gather,
+            dist_num=self.dist_num,
+            stats_weights=self.stats_weights,
         )
-
-    def _fit_buckets(self, stats: list[torch.Tensor], device: torch.device, rank: int) -> list[Any]:
-        local = torch.cat(stats, dim=1).contiguous() if stats else torch.zeros(4, 0, dtype=torch.float64, device=device)
-        world = dist.get_world_size(self.stats_group)
-        k = local.shape[1]
-        sizes = torch.tensor([k], dtype=torch.int64, device=device)
-        all_k = torch.empty(world, dtype=torch.int64, device=device)
-        _all_gather_flat(all_k, sizes, self.stats_group)
-        kmax = int(all_k.max().item())
-        padded = torch.zeros(4, kmax, dtype=torch.float64, device=device)
-        padded[:, :k] = local
-        gathered = torch.empty(world * 4 * kmax, dtype=torch.float64, device=device)
-        if kmax:
-            _all_gather_flat(gathered, padded.reshape(-1), self.stats_group)
-        if rank != 0:
-            return [None, "", 0]
-        per = gathered.reshape(world, 4, kmax).cpu().numpy()
-        counts = all_k.cpu().numpy()
-        rows = np.concatenate([per[r][:, : counts[r]] for r in range(world)], axis=1)
-        norms, means, stds, nsz = rows
-        ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)
-        reason = ""
-        try:
-            gstats = alq_core.GradientStats.from_buckets(
-                norms[ok],
-                means[ok],
-                stds[ok],
-                nsz[ok].astype(np.int64),
-                dist_num=self.dist_num,
-                weights=self.stats_weights,  # type: ignore[arg-type]
-            )
-            report = self.quantizer.update(gstats, self.step)
-            reason = str(getattr(report, "reason", "") or "updated")
-        except Exception as exc:  # a failed fit must never stop training
-            reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
-        if not ok.all():
-            reason += f" ({int((~ok).sum())} non-finite or zero buckets left out)"
-        return [self.quantizer.state_dict(), reason, int(ok.sum())]
-
-    def _fit_sketch(self, stats: list[torch.Tensor], device: torch.device, rank: int) -> list[Any]:
-        size = 3 * NUM_BINS + 3
-        local = torch.stack(stats).sum(dim=0) if stats else torch.zeros(size, dtype=torch.float64, device=device)
-        world = dist.get_world_size(self.stats_group)
-        gathered = torch.empty(world * size, dtype=torch.float64, device=device)
-        _all_gather_flat(gathered, local.contiguous(), self.stats_group)
-        if rank != 0:
-            return [None, "", 0]
-        rows = gathered.reshape(world, size).cpu().numpy()
-        total = rows[0].copy()
-        for row in rows[1:]:
-            total += row
-        count, skipped, buckets = (round(float(v)) for v in total[3 * NUM_BINS :])
-        try:
-            sketch = alq_core.LevelSketch.from_sums(
-                total[: 3 * NUM_BINS].reshape(3, NUM_BINS), self.config, count=count, skipped=skipped
-            )
-            report = self.quantizer.update(sketch, self.step)
-            reason = str(getattr(report, "reason", "") or "updated")
-        except Exception as exc:  # a failed fit must never stop training
-            reason = f"level update failed, levels kept: {type(exc).__name__}: {exc}"
-        if skipped:
-            reason += f" ({skipped} non-finite buckets left out)"
-        return [self.quantizer.state_dict(), reason, buckets - skipped]
 
     # ------------------------------------------------------------ header checks
     def _decode(

@@ -57,7 +57,7 @@ from ._checks import _MAX_FLAGS
 from ._exchange import _all_gather_flat, _derive_seed, _Exchange, _run_after
 from ._levels_sync import sync_levels
 from ._plans import _GatherPlan, _ScatterPlan
-from ._telemetry import LevelUpdateRecord, StepRecord
+from ._telemetry import LevelUpdateRecord, RecordHistory, StepRecord
 
 # Names that tests and the host-time benchmarks reach through this module (``_all_gather_flat`` is
 # looked up here at every call, so replacing it here replaces every all-gather the hook makes).
@@ -91,7 +91,7 @@ def _check_options(collective: str, stats_weights: str, measure_variance: bool |
     return every
 
 
-class ALQState(_Exchange):
+class ALQState(_Exchange, RecordHistory):
     """State of :func:`alq_hook`: configuration, level table, step counter, telemetry.
 
     Parameters
@@ -217,23 +217,6 @@ class ALQState(_Exchange):
     def table_version(self) -> int:
         """Version of the level table in force (written into every payload)."""
         return int(self.quantizer.version)
-
-    @property
-    def telemetry(self) -> list[StepRecord]:
-        """The kept :class:`StepRecord` s, oldest first (pending GPU timings are resolved: this synchronizes)."""
-        records = list(self._records)
-        for r in records:
-            r._resolve(block=True)
-        return records
-
-    @property
-    def last_record(self) -> StepRecord | None:
-        """The most recent completed round's record (resolved), or None."""
-        if not self._records:
-            return None
-        rec = self._records[-1]
-        rec._resolve(block=True)
-        return rec
 
     # -------------------------------------------------------------- checkpoint
     def _config_key(self) -> dict[str, Any]:

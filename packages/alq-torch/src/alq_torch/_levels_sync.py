@@ -133,12 +133,20 @@ def _fit_buckets(
     else:
         local = torch.zeros(4, 0, dtype=torch.float64, device=device)
     k = local.shape[1]
-    gathered = torch.empty(world * 4 * k, dtype=torch.float64, device=device)
-    if k:
-        gather(gathered, local.reshape(-1), False)
-    rows = gathered.reshape(world, 4, k).permute(1, 0, 2).reshape(4, world * k).cpu().numpy()
+    # Ranks may hold different bucket counts (FSDP shards; DDP's are equal): gather the counts, pad to the largest.
+    counts = torch.empty(world, dtype=torch.int64, device=device)
+    gather(counts, torch.tensor([k], dtype=torch.int64, device=device), False)
+    kmax = int(counts.max().item())
+    padded = torch.zeros(4, kmax, dtype=torch.float64, device=device)
+    padded[:, :k] = local
+    gathered = torch.empty(world * 4 * kmax, dtype=torch.float64, device=device)
+    if kmax:
+        gather(gathered, padded.reshape(-1), False)
     if rank != 0:
         return [None, "", 0]
+    per = gathered.reshape(world, 4, kmax).cpu().numpy()
+    sizes_by_rank = counts.cpu().numpy()
+    rows = np.concatenate([per[r][:, : sizes_by_rank[r]] for r in range(world)], axis=1)  # rank order
     reason = ""
     norms, means, stds, sizes = rows
     ok = np.isfinite(norms) & np.isfinite(means) & np.isfinite(stds) & (norms > 0)

@@ -23,6 +23,7 @@ includes waiting behind earlier collectives.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -270,3 +271,29 @@ class StepRecord:
         for b in self.buckets:
             done = b._resolve(block) and done
         return done
+
+
+class RecordHistory:
+    """The kept per-round records of a communication object (the DDP hook's state, the FSDP comms).
+
+    Subclasses keep their :class:`StepRecord` s in ``self._records`` (a bounded deque, oldest first).
+    """
+
+    _records: deque[StepRecord]
+
+    @property
+    def telemetry(self) -> list[StepRecord]:
+        """The kept :class:`StepRecord` s, oldest first (pending GPU timings are resolved: this synchronizes)."""
+        records = list(self._records)
+        for r in records:
+            r._resolve(block=True)
+        return records
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        """The most recent completed round's record (resolved), or None."""
+        if not self._records:
+            return None
+        rec = self._records[-1]
+        rec._resolve(block=True)
+        return rec
