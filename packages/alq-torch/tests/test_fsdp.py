@@ -18,7 +18,7 @@ from alq_core import AdaptiveQuantizer, QuantizerConfig, compute_sketch, compute
 from alq_core import dequantize as core_dequantize
 from alq_core import quantize as core_quantize
 from alq_torch import decode_sum, quantize_encode
-from alq_torch._fsdp import derive_seed
+from alq_torch._exchange import _derive_seed as derive_seed
 from test_hook import predicted_mse
 
 pytestmark = pytest.mark.skipif(

@@ -89,6 +89,7 @@ import torch
 import torch.distributed as dist
 from alq_core import PayloadError, QuantizerConfig, payload_size
 
+from ._exchange import _FLOAT_DTYPES, _all_gather_flat, _derive_seed
 from ._levels_sync import local_stats, sync_levels
 from ._tables import header_tensor, level_table
 from ._telemetry import BucketRecord, LevelUpdateRecord, RecordHistory, StepRecord, current_stream
@@ -97,32 +98,9 @@ from ._wire import decode_sum, quantize_encode
 __all__ = ["ALQAllReduceHook", "ALQReduceScatter", "register_fsdp"]
 
 _STATE_FORMAT = 1
-_M64 = (1 << 64) - 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HEADER = alq_core.HEADER_SIZE
 #: Calls per round and ranks per group with their own device-side header flags (higher ones share the last).
 _MAX_CALLS, _MAX_RANKS = 256, 1024
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64 finalizer (the DDP hook's seed mix)."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit noise seed from integers (deterministic, order-sensitive; same mix as the DDP hook's)."""
-    h = 0x5AD5EED
-    for p in parts:
-        h = _mix64(h ^ (p & _M64))
-    return h >> 1
-
-
-def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
 
 
 def _reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, op: Any, group: Any) -> None:
@@ -330,7 +308,7 @@ class _ALQComm(RecordHistory):
                 current_stream(device).wait_event(event)
 
         def gather(out: torch.Tensor, inp: torch.Tensor, async_op: bool) -> None:
-            _all_gather_flat(out, inp, group)
+            _all_gather_flat(out, inp, group, False)
 
         return sync_levels(
             self.quantizer,
@@ -615,7 +593,7 @@ class ALQReduceScatter(_ALQComm):
         span = self._span(rec, "quantize", device)
         for k in range(world):
             quantize_encode(
-                chunks[k], levels, cfg, table_version=version, seed=derive_seed(self.seed, self.step, index, me, 1, k),
+                chunks[k], levels, cfg, table_version=version, seed=_derive_seed(self.seed, self.step, index, me, 1, k),
                 out=send[k * size : (k + 1) * size],
             )  # fmt: skip
         if span is not None:
@@ -686,7 +664,7 @@ class ALQAllReduceHook(_ALQComm):
         recv = torch.empty(world * size, dtype=torch.uint8, device=device)
         span = self._span(rec, "quantize", device)
         quantize_encode(
-            flat, levels, cfg, table_version=version, seed=derive_seed(self.seed, self.step, index, dist.get_rank(), 1, 0),
+            flat, levels, cfg, table_version=version, seed=_derive_seed(self.seed, self.step, index, dist.get_rank(), 1, 0),
             out=send,
         )  # fmt: skip
         if span is not None:
@@ -705,7 +683,7 @@ class ALQAllReduceHook(_ALQComm):
             span.stop()
 
     def _exchange(self, recv: torch.Tensor, send: torch.Tensor, group: Any) -> None:
-        _all_gather_flat(recv, send, group)
+        _all_gather_flat(recv, send, group, False)
 
 
 def _register_comm_type() -> None:
