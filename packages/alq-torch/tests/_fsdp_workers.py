@@ -7,18 +7,13 @@ the tests check them in the parent process against the public ops and the NumPy 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _hook_workers import free_port, local_grad
+from _hook_workers import local_grad, serve, spawn_group
 from alq_core import METHODS, PayloadError, QuantizerConfig
 from alq_torch import ALQAllReduceHook, ALQReduceScatter, register_fsdp
 
@@ -299,40 +294,9 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
 
 
 def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: list[str]) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    if backend == "gloo-cuda":  # every rank on GPU 0, through Gloo's CUDA collectives
-        torch.cuda.set_device(0)
-        device = torch.device("cuda", 0)
-    elif backend == "nccl":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(
-        backend.removesuffix("-cuda"),
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        for name in names:
-            try:
-                result: Any = SCENARIOS[name](device)
-            except Exception:
-                result = {"__error__": traceback.format_exc()}
-            torch.save(result, os.path.join(outdir, f"{name}.{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    serve(SCENARIOS, rank, world, port, outdir, backend, names)
 
 
 def run_group(world: int, names: list[str], backend: str = "gloo") -> dict[str, list[Any]]:
     """Run scenarios on ``world`` spawned ranks; returns ``{name: [result of rank 0, 1, ...]}``."""
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, free_port(), outdir, backend, names), nprocs=world, join=True)
-        return {
-            name: [torch.load(os.path.join(outdir, f"{name}.{r}.pt"), weights_only=False) for r in range(world)]
-            for name in names
-        }
+    return spawn_group(_worker, world, names, backend)

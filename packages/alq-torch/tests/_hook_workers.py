@@ -390,7 +390,16 @@ SCENARIOS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
 }
 
 
-def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: list[str]) -> None:
+def serve(
+    scenarios: dict[str, Callable[[torch.device], Any]],
+    rank: int,
+    world: int,
+    port: int,
+    outdir: str,
+    backend: str,
+    names: list[str],
+) -> None:
+    """One spawned rank: join the group, run the named scenarios, save each result for the parent."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -411,7 +420,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: 
     try:
         for name in names:
             try:
-                result: Any = SCENARIOS[name](device)
+                result: Any = scenarios[name](device)
             except Exception:
                 result = {"__error__": traceback.format_exc()}
             torch.save(result, os.path.join(outdir, f"{name}.{rank}.pt"))
@@ -420,10 +429,24 @@ def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: 
         dist.destroy_process_group()
 
 
+def _worker(rank: int, world: int, port: int, outdir: str, backend: str, names: list[str]) -> None:
+    serve(SCENARIOS, rank, world, port, outdir, backend, names)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn_group(worker: Callable[..., None], world: int, names: list[str], backend: str) -> dict[str, list[Any]]:
+    """Spawn ``world`` ranks of ``worker`` (a module's ``_worker``); ``{name: [result of rank 0, 1, ...]}``."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(worker, args=(world, free_port(), outdir, backend, names), nprocs=world, join=True)
+        return {
+            name: [torch.load(os.path.join(outdir, f"{name}.{r}.pt"), weights_only=False) for r in range(world)]
+            for name in names
+        }
 
 
 def run_group(world: int, names: list[str], backend: str = "gloo") -> dict[str, list[Any]]:
@@ -432,9 +455,4 @@ def run_group(world: int, names: list[str], backend: str = "gloo") -> dict[str, 
     ``backend``: ``"gloo"`` (CPU tensors), ``"nccl"`` (rank r on GPU r) or ``"gloo-cuda"`` (Gloo, every rank
     on GPU 0).
     """
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, free_port(), outdir, backend, names), nprocs=world, join=True)
-        return {
-            name: [torch.load(os.path.join(outdir, f"{name}.{r}.pt"), weights_only=False) for r in range(world)]
-            for name in names
-        }
+    return spawn_group(_worker, world, names, backend)
