@@ -35,19 +35,33 @@ PAPER = {
 
 
 def load_runs(dirs: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every run of every ``results.json`` under ``dirs``, and the settings of the first."""
+    """Every run under ``dirs``, and the settings of the first directory.
+
+    A directory's ``results.json`` when the comparison finished; otherwise its finished runs
+    (``runs/*.json``, written as each run ends) with the settings of its ``config.json``, so a
+    comparison stopped at a deadline still contributes the runs it completed.
+    """
     runs: list[dict[str, Any]] = []
     settings: dict[str, Any] = {}
     for d in dirs:
         path = Path(d) / "results.json"
-        if not path.is_file():
-            msg = f"{path} is missing: expected an alq-train output directory (it writes results.json at the end)"
-            raise FileNotFoundError(msg)
-        res = json.loads(path.read_text())
-        settings = settings or res["settings"]
-        for r in res["runs"]:
-            r["_settings"] = res["settings"]
-            r["_device"] = res.get("device")
+        if path.is_file():
+            res = json.loads(path.read_text())
+            found, s, device = res["runs"], res["settings"], res.get("device")
+        else:
+            cfg = Path(d) / "config.json"
+            found = [json.loads(f.read_text()) for f in sorted((Path(d) / "runs").glob("*.json"))]
+            if not cfg.is_file() or not found:
+                msg = (
+                    f"{d}: neither results.json nor config.json with finished runs/*.json; "
+                    "expected an alq-train output directory"
+                )
+                raise FileNotFoundError(msg)
+            s, device = json.loads(cfg.read_text()), None
+        settings = settings or s
+        for r in found:
+            r["_settings"] = s
+            r["_device"] = device
             runs.append(r)
     return runs, settings
 
