@@ -11,7 +11,7 @@
 #        at bucket 8192, and the bucket sweep with TernGrad's 2.5-sigma clipping for every method (the rebuttal's
 #        Fig. 1); fp32 once.
 # DATA: data/cifar10-images.npz (benchmarks/pack_cifar10.py) or a CIFAR-10 directory. PARALLEL processes run at
-# once (default 6; a ResNet-32 process at K = 16 needs ~10 GB of GPU memory in fp32). Processes still running at
+# once (default 6; a ResNet-32 process at K = 16 needs an estimated 8-10 GB of GPU memory in fp32: activations of 2048 images, not yet measured). Processes still running at
 # BUDGET_S (default 575) are stopped; a stopped comparison keeps its finished runs (runs/*.json), which
 # benchmarks/cifar_table.py reads. Writes OUT/*.md|json|png and OUT/plan.txt (timings, GPU memory).
 set -u
