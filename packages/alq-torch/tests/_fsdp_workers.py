@@ -189,8 +189,33 @@ def _train(net: Any, opt: Any, steps: range, device: torch.device) -> tuple[list
     return losses, grads
 
 
+def _train_accumulating(net: Any, opt: Any, steps: range, device: torch.device) -> list[float]:
+    """Two micro-batches per step; the first backward without gradient sync (no reduce-scatter)."""
+    rank = dist.get_rank()
+    losses = []
+    for step in steps:
+        opt.zero_grad()
+        for micro in (0, 1):
+            net.set_requires_gradient_sync(micro == 1)
+            x, y = _batch(10 * step + micro, rank, device)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            losses.append(float(loss))
+        opt.step()
+    return losses
+
+
 def sc_fsdp(device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # gradient accumulation: only the syncing backward calls the comm, one round per optimizer step; its input is
+    # the accumulated gradient (the same as FSDP's own reduce-scatter gets, seen through an exact warm-up round)
+    for name, kw in (("accum/exact", {"warmup_steps": 10}), ("accum/alq", {})):
+        net, opt = _fsdp(device)
+        comm = _RecordingRS(cfg_of("alq"), exact_below=0, schedule=[0, 2], seed=5, **kw)
+        for m in (net.a, net.b, net.unused, net.c, net):
+            m.set_custom_reduce_scatter(comm)
+        losses = _train_accumulating(net, opt, range(3), device)
+        out[name] = (losses, comm.step, [(st, i, inp) for st, i, inp, _ in comm.calls], _tables(comm))
     net, opt = _fsdp(device)
     out["exact"] = _train(net, opt, range(4), device)
     for reshard in (True, False):

@@ -268,6 +268,18 @@ def test_fsdp_rounds_unused_parameters_and_reshard_after_forward(w2: dict[str, l
         assert r0["alq/True"][0] == r0["alq/False"][0]
 
 
+def test_fsdp_gradient_accumulation_quantizes_only_the_syncing_backward(w2: dict[str, list[Any]]) -> None:
+    for r0 in _ok(w2["fsdp"]):
+        (ex_losses, ex_steps, ex_calls, _), (q_losses, q_steps, q_calls, tables) = r0["accum/exact"], r0["accum/alq"]
+        assert ex_steps == q_steps == 3  # one round per optimizer step, not per backward pass
+        assert [(st, i) for st, i, _ in q_calls] == [(st, i) for st in range(3) for i in range(3)]
+        for (_, _, a), (_, _, b) in zip(ex_calls[:3], q_calls[:3]):
+            assert torch.equal(a, b)  # step 0: the quantized comm got FSDP's accumulated gradient
+        assert ex_losses[:2] == q_losses[:2]
+        assert max(abs(a - b) for a, b in zip(ex_losses, q_losses)) < 0.05, (ex_losses, q_losses)
+        assert tables[1] == 2  # level updates at rounds 0 and 2 (round numbers count optimizer steps)
+
+
 def test_fsdp_warmup_is_bit_identical_to_fsdp_and_resume_is_bit_identical(w2: dict[str, list[Any]]) -> None:
     for r0 in _ok(w2["fsdp"]):
         assert r0["warm"][0] == r0["exact"][0]
