@@ -220,7 +220,7 @@ def sc_fsdp(device: torch.device) -> dict[str, Any]:
     out["exact"] = _train(net, opt, range(4), device)
     for reshard in (True, False):
         net, opt = _fsdp(device, reshard)
-        comm = _RecordingRS(cfg_of("alq"), exact_below=0, schedule=[0, 2], seed=5)
+        comm = _RecordingRS(cfg_of("alq"), exact_below=0, schedule=[0, 2], seed=5, measure_variance=2)
         assert register_fsdp(net, comm.config) is not None  # installs a fresh comm ...
         for m in (net.a, net.b, net.unused, net.c, net):  # ... which we replace by the recording one
             m.set_custom_reduce_scatter(comm)
@@ -229,6 +229,7 @@ def sc_fsdp(device: torch.device) -> dict[str, Any]:
         out[f"tables/{reshard}"] = _tables(comm)
         out[f"steps/{reshard}"] = comm.step
         out[f"modes/{reshard}"] = [[(b.index, b.mode, b.numel) for b in r.buckets] for r in comm.telemetry]
+        out[f"variance/{reshard}"] = [r.variance for r in comm.telemetry]
     # warm-up rounds: bit-identical to FSDP's own reduce-scatter
     net, opt = _fsdp(device)
     comm = register_fsdp(net, cfg_of("alq"), warmup_steps=4, exact_below=0)

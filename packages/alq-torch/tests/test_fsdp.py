@@ -225,6 +225,7 @@ def test_fsdp_training_every_call_equals_the_ops_and_the_exact_average_within_va
     by_round: dict[int, list[int]] = {}
     for j, c in enumerate(calls[0]):
         by_round.setdefault(c[0], []).append(j)
+    own_error = {(r, step): [0.0, 0.0] for r in range(2) for step in (0, 2)}  # measure_variance=2: rounds 0, 2
     for step, idx in sorted(by_round.items()):
         levels, version = q.levels, q.version
         chunks_all = []
@@ -232,6 +233,14 @@ def test_fsdp_training_every_call_equals_the_ops_and_the_exact_average_within_va
             _, index, _, _ = calls[0][j]
             xs = [calls[r][j][2] for r in range(2)]
             n = xs[0].numel() // 2
+            for r in range(2) if step in (0, 2) else ():  # each rank's own payloads against its own chunks
+                for k in range(2):
+                    chunk = xs[r][k * n : (k + 1) * n]
+                    seed = derive_seed(5, step, index, r, 1, k)
+                    payload = quantize_encode(chunk, levels, cfg, table_version=version, seed=seed)
+                    deq = decode_sum(payload[None], levels, cfg, n, table_version=version)
+                    own_error[(r, step)][0] += float((deq.double() - chunk.double()).square().sum())
+                    own_error[(r, step)][1] += float(chunk.double().square().sum())
             want = reduce_scatter_ops(xs, "alq", levels, version, step, index, seed=5)
             for r in range(2):
                 assert torch.equal(calls[r][j][3], want[r]), f"round {step} call {index} rank {r}"
@@ -243,6 +252,13 @@ def test_fsdp_training_every_call_equals_the_ops_and_the_exact_average_within_va
         if step in (0, 2):
             q.update(compute_stats(chunks_all, fw.BUCKET), step)
     assert 0.6 <= mse_sum / pred_sum <= 1.6, mse_sum / pred_sum
+    for r in range(2):  # telemetry's measured variance: the rank's own payloads, every 2nd round
+        want_var = [own_error[(r, st)][0] / own_error[(r, st)][1] if st in (0, 2) else None for st in range(4)]
+        got_var = res[r]["variance/True"]
+        assert [v is None for v in got_var] == [v is None for v in want_var], got_var
+        np.testing.assert_allclose(
+            [v for v in got_var if v is not None], [v for v in want_var if v is not None], rtol=1e-6
+        )
     np.testing.assert_allclose(res[0]["tables/True"][0], q.levels, rtol=1e-5, atol=1e-7)
     for r in range(2):
         assert res[r]["tables/True"][1] == q.version == 2

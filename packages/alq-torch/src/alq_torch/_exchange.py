@@ -24,7 +24,7 @@ from alq_core import QuantizerConfig
 from ._checks import _HeaderChecks
 from ._levels_sync import local_stats
 from ._plans import _GatherPlan, _Plan, _ScatterPlan
-from ._telemetry import BucketRecord, StepRecord, _Span
+from ._telemetry import BucketRecord, RecordHistory, StepRecord, _Span
 from ._wire import decode_sum
 
 _M64 = (1 << 64) - 1
@@ -80,7 +80,28 @@ def _run_after(fut: torch.futures.Future[Any], fn: Callable[[torch.futures.Futur
     return box[0]
 
 
-class _Exchange(_HeaderChecks):
+def variance_every(measure_variance: bool | int) -> int:
+    """``measure_variance`` (a bool, or every k rounds) as "every k rounds" (0: never); ValueError otherwise."""
+    if isinstance(measure_variance, bool):
+        return 1 if measure_variance else 0
+    if isinstance(measure_variance, int) and measure_variance >= 0:
+        return measure_variance
+    msg = f"`measure_variance` must be a bool or a non-negative integer (every k rounds); got {measure_variance!r}"
+    raise ValueError(msg)
+
+
+def record_own_error(
+    rec: BucketRecord, payload: torch.Tensor, x: torch.Tensor, levels: np.ndarray, config: QuantizerConfig
+) -> None:
+    """Add ``(||Q(x) - x||^2, ||x||^2)`` of this rank's own ``payload`` (float32 sums in float64, on ``x``'s
+    device, not synchronized) to ``rec``'s variance parts."""
+    deq = decode_sum(payload.view(1, -1), levels, config, x.numel(), check_headers=False)
+    ref = x.to(torch.float32)
+    err = (deq - ref).double().square().sum()
+    rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
+
+
+class _Exchange(_HeaderChecks, RecordHistory):
     """Choosing and running one DDP bucket's exchange, on kept plans (one per DDP bucket index).
 
     :meth:`_communicate` is the hook's entry per bucket; the state opens and closes the round around it.
@@ -166,10 +187,6 @@ class _Exchange(_HeaderChecks):
                 self._end_round(flat.device)
         return fut
 
-    def _measure_now(self) -> bool:
-        k = self.measure_variance_every
-        return k > 0 and self.step % k == 0
-
     def _mode(self, buf: torch.Tensor) -> tuple[str, str | None]:
         """The bucket's exchange (``local``, ``allreduce``, ``allgather``, ``reduce_scatter``) and, for an
         exact one, why."""
@@ -210,15 +227,6 @@ class _Exchange(_HeaderChecks):
             self._plans[index] = plan
         return plan
 
-    def _local_variance(
-        self, payload: torch.Tensor, x: torch.Tensor, levels: np.ndarray, version: int, rec: BucketRecord
-    ) -> None:
-        n = x.numel()
-        deq = decode_sum(payload.view(1, -1), levels, self.config, n, check_headers=False)  # our own payload
-        ref = x.to(torch.float32)
-        err = (deq - ref).double().square().sum()
-        rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
-
     def _allreduce(self, buf: torch.Tensor, rec: BucketRecord) -> torch.futures.Future[torch.Tensor]:
         span = self._timed(rec, "communicate", buf.device)
         buf.div_(self._world)
@@ -248,8 +256,8 @@ class _Exchange(_HeaderChecks):
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
-            levels, version = self._table()
-            self._local_variance(plan.payload, flat, levels, version, rec)
+            levels, _ = self._table()
+            record_own_error(rec, plan.payload, flat, levels, self.config)
         span_c = self._timed(rec, "communicate", device)
         work = self._all_gather(plan.gathered, plan.payload, True)
 
@@ -284,11 +292,11 @@ class _Exchange(_HeaderChecks):
         if span_q is not None:
             span_q.stop()
         if self._measure_now():
-            levels, version = self._table()
+            levels, _ = self._table()
             offset = 0
             for k in range(world):
                 part = plan.send[offset : offset + sizes[k]]
-                self._local_variance(part, plan.out[k], levels, version, rec)
+                record_own_error(rec, part, plan.out[k], levels, self.config)
                 offset += sizes[k]
         span_c1 = self._timed(rec, "communicate", device)
         work = dist.all_to_all_single(

@@ -89,7 +89,7 @@ import torch
 import torch.distributed as dist
 from alq_core import PayloadError, QuantizerConfig, payload_size
 
-from ._exchange import _FLOAT_DTYPES, _all_gather_flat, _derive_seed
+from ._exchange import _FLOAT_DTYPES, _all_gather_flat, _derive_seed, record_own_error, variance_every
 from ._levels_sync import local_stats, sync_levels
 from ._tables import header_tensor, level_table
 from ._telemetry import BucketRecord, LevelUpdateRecord, RecordHistory, StepRecord, current_stream
@@ -164,6 +164,7 @@ class _ALQComm(RecordHistory):
         timing: bool = True,
         telemetry: bool = True,
         telemetry_history: int = 1000,
+        measure_variance: bool | int = False,
     ) -> None:
         if not isinstance(config, QuantizerConfig):
             msg = f"`config` must be an alq_core.QuantizerConfig; got {type(config).__name__}"
@@ -190,6 +191,7 @@ class _ALQComm(RecordHistory):
         self.stats_weights = stats_weights
         self.timing = timing
         self.keep_telemetry = telemetry
+        self.measure_variance_every = variance_every(measure_variance)
         if quantizer is None:
             kwargs: dict[str, Any] = {}
             if schedule is not None:
@@ -532,6 +534,10 @@ class ALQReduceScatter(_ALQComm):
         Keep a :class:`StepRecord` per round (its buckets are the round's calls, in order).
     telemetry_history : int
         Rounds kept.
+    measure_variance : bool or int
+        Every ``k`` rounds (True: every round; default never), decode this rank's own payloads and record
+        ``||Q(g) - g||^2 / ||g||^2`` over the round's quantized calls (``StepRecord.variance``); costs one
+        decode per payload.
 
     Notes
     -----
@@ -598,6 +604,9 @@ class ALQReduceScatter(_ALQComm):
             )  # fmt: skip
         if span is not None:
             span.stop()
+        if self._measure_now():
+            for k in range(world):
+                record_own_error(rec, send[k * size : (k + 1) * size], chunks[k], levels, cfg)
         span = self._span(rec, "communicate", device)
         self._exchange(recv, send, group)
         if span is not None:
@@ -669,6 +678,8 @@ class ALQAllReduceHook(_ALQComm):
         )  # fmt: skip
         if span is not None:
             span.stop()
+        if self._measure_now():
+            record_own_error(rec, send, flat, levels, cfg)
         span = self._span(rec, "communicate", device)
         self._exchange(recv, send, group)
         if span is not None:

@@ -54,10 +54,10 @@ import torch.distributed as dist
 from alq_core import QuantizerConfig
 
 from ._checks import _MAX_FLAGS
-from ._exchange import _all_gather_flat, _derive_seed, _Exchange, _run_after
+from ._exchange import _all_gather_flat, _derive_seed, _Exchange, _run_after, variance_every
 from ._levels_sync import sync_levels
 from ._plans import _GatherPlan, _ScatterPlan
-from ._telemetry import LevelUpdateRecord, RecordHistory, StepRecord
+from ._telemetry import LevelUpdateRecord, StepRecord
 
 # Names that tests and the host-time benchmarks reach through this module (``_all_gather_flat`` is
 # looked up here at every call, so replacing it here replaces every all-gather the hook makes).
@@ -78,20 +78,14 @@ def _check_options(collective: str, stats_weights: str, measure_variance: bool |
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             msg = f"`{name}` must be an integer >= {low}; got {value!r}"
             raise ValueError(msg)
-    if isinstance(measure_variance, bool):
-        every = 1 if measure_variance else 0
-    elif isinstance(measure_variance, int) and measure_variance >= 0:
-        every = measure_variance
-    else:
-        msg = f"`measure_variance` must be a bool or a non-negative integer (every k rounds); got {measure_variance!r}"
-        raise ValueError(msg)
+    every = variance_every(measure_variance)
     if stats_weights not in ("norm", "norm2"):
         msg = f"`stats_weights` must be 'norm' or 'norm2'; got {stats_weights!r}"
         raise ValueError(msg)
     return every
 
 
-class ALQState(_Exchange, RecordHistory):
+class ALQState(_Exchange):
     """State of :func:`alq_hook`: configuration, level table, step counter, telemetry.
 
     Parameters

@@ -276,10 +276,19 @@ class StepRecord:
 class RecordHistory:
     """The kept per-round records of a communication object (the DDP hook's state, the FSDP comms).
 
-    Subclasses keep their :class:`StepRecord` s in ``self._records`` (a bounded deque, oldest first).
+    Subclasses keep their :class:`StepRecord` s in ``self._records`` (a bounded deque, oldest first),
+    their round counter in ``self.step`` and how often they measure the variance in
+    ``self.measure_variance_every`` (every k rounds; 0: never).
     """
 
     _records: deque[StepRecord]
+    step: int
+    measure_variance_every: int
+
+    def _measure_now(self) -> bool:
+        """Whether this round measures the quantization variance of the rank's own payloads."""
+        k = self.measure_variance_every
+        return k > 0 and self.step % k == 0
 
     @property
     def telemetry(self) -> list[StepRecord]:
