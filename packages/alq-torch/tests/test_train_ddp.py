@@ -3,39 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import alq_torch
-
-SRC = [os.path.dirname(os.path.dirname(alq_torch.__file__))]
-try:
-    import alq_core
-
-    SRC.append(os.path.dirname(os.path.dirname(alq_core.__file__)))
-except ImportError:  # pragma: no cover
-    pass
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*SRC, env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "alq_torch.train",
-    ]
-    proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+from _torchrun import torchrun as _torchrun
 
 
 def test_two_process_gloo_run_of_the_harness(tmp_path) -> None:  # type: ignore[no-untyped-def]

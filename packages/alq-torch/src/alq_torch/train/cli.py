@@ -3,7 +3,9 @@
 Without arguments it runs the default comparison: every method, 2 bits,
 K = 16 simulated workers, an MLP on scikit-learn's bundled handwritten digits,
 three seeds; a few minutes on a 2-core CPU. Under ``torchrun`` (``WORLD_SIZE``
-> 1) the same flags train with real DDP and the ALQ communication hook.
+> 1) the same flags train with real DDP and the ALQ communication hook, or with
+``--fsdp`` (and ``--shard-size``) with FSDP2 and ALQ's quantized reduce-scatter or
+hybrid-sharding all-reduce.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .report import format_table, plot_all, summarize, write_csv, write_json
 from .settings import ALL_METHODS as ALL_METHODS  # re-exported (defined beside the settings they name)
 from .settings import DEFAULTS as DEFAULTS
 from .settings import PRESETS as PRESETS
-from .settings import resolve, run_config, versions
+from .settings import layout_of, resolve, run_config, versions
 from .workers import AMP_MODES, WORKERS_MODES
 
 
@@ -140,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the paper's settings (SPEC section 10); explicit flags override",
     )
+    g = p.add_argument_group("under torchrun")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard the model with FSDP2 (every parameter-owning layer or block, then the root) instead of DDP; "
+        "ALQ quantizes FSDP's reduce-scatter. The quantization variance is not measured (NaN); bits per step are "
+        "the bytes a rank sent in the last step. Needs torchrun; --exact-1d, --amp and --channels-last are not "
+        "supported",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --fsdp: ranks per FSDP shard group, e.g. the GPUs per node; must divide WORLD_SIZE. N < WORLD_SIZE "
+        "is hybrid sharding: FSDP's exact reduce-scatter within a group, ALQ's quantized all-reduce across the "
+        "groups (bits per step count only that traffic) [default: WORLD_SIZE, plain FSDP]",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory [default: ./runs/<data>-<model>-b<bits>-K<K>-<time>]")
     g.add_argument(
@@ -157,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-every",
         type=int,
         default=None,
-        help="log the quantization variance every N steps [default: ~40 points per run]",
+        help="log the quantization variance every N steps (not measured under --fsdp: the FSDP comms have no "
+        "variance measurement; reported as NaN, '-' in the table) [default: ~40 points per run]",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -192,15 +214,22 @@ def _default_out(s: dict[str, Any], workers: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``alq-train`` and ``python -m alq_torch.train``."""
     args = build_parser().parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fsdp or args.shard_size is not None:
+        try:
+            layout_of(bool(args.fsdp), args.shard_size, world)
+        except ValueError as exc:
+            raise SystemExit(f"alq-train: error: {exc}") from None
+    if world > 1:
+        under = "torchrun (DDP or --fsdp)"
         if args.amp not in (None, "none") or args.channels_last:
             raise SystemExit(
                 "alq-train: error: --amp and --channels-last are only implemented for simulated workers, "
-                "not under torchrun; fix: drop them or run without torchrun"
+                f"not under {under}; fix: drop them or run without torchrun"
             )
         if args.exact_1d:
             raise SystemExit(
-                "alq-train: error: --exact-1d is only implemented for simulated workers, not under torchrun; "
+                f"alq-train: error: --exact-1d is only implemented for simulated workers, not under {under}; "
                 "fix: run without torchrun (WORLD_SIZE=1) or drop --exact-1d"
             )
         from .ddp import main_ddp
@@ -219,6 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         with open(cfg_path, encoding="utf-8") as fh:
             s = json.load(fh)
+        saved = s.get("layout")
+        if isinstance(saved, dict):
+            raise SystemExit(
+                f"alq-train: error: --resume {resume_dir!r}: its runs were trained under torchrun "
+                f"({saved.get('mode')}, {saved.get('world')} ranks), with per-rank checkpoints; this process is not "
+                f"under torchrun (WORLD_SIZE=1); fix: torchrun ... (WORLD_SIZE={saved.get('world')}) -m "
+                "alq_torch.train --resume DIR"
+            )
         print(f"resuming {resume_dir} with its saved settings")
     else:
         s = resolve(args)

@@ -1,4 +1,4 @@
-"""The harness under ``torchrun``: real DDP with the ALQ communication hook.
+"""The harness under ``torchrun``: real DDP with the ALQ communication hook, or FSDP2 with ALQ's FSDP comms.
 
 Each rank is one worker: it draws its own mini-batch (row ``rank`` of the
 same seeded ``(W, batch)`` index draw the simulated mode uses), DDP's buckets
@@ -6,14 +6,26 @@ are quantized, exchanged and averaged by :func:`alq_torch.alq_hook`, and the
 hook's telemetry gives the time spent quantizing/decoding, the level-update
 time, the bytes sent and the normalized quantization variance. Gloo on CPU,
 NCCL on CUDA. Rank 0 writes the reports.
+
+With ``--fsdp`` (and ``--shard-size N``) the model is sharded with FSDP2 instead
+(:mod:`alq_torch.train.fsdp`): the quantized reduce-scatter, or the hybrid layout
+(exact within groups of ``N`` ranks, quantized across them). Every rank runs the
+evaluation forward passes (FSDP all-gathers the parameters collectively), the
+checkpoints hold each rank's local shards, and the variance is not measured (the
+FSDP comms have no variance measurement: reported as NaN, "-" in the table).
+Bits per step are then the bytes this rank actually sent in the last round
+(telemetry): the quantized reduce-scatter's, or in the hybrid layout only the
+traffic across groups.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import alq_core
@@ -37,7 +49,7 @@ from .loop import (
     resolve_steps,
 )
 from .models import build_model, num_parameters
-from .settings import resolve, run_config, versions
+from .settings import Layout, layout_of, resolve, run_config, versions
 
 
 def _mean_over_ranks(x: float, device: torch.device) -> float:
@@ -56,44 +68,58 @@ def train_run_ddp(
     stop_at: int | None,
     progress: bool,
     desc: str,
+    layout: Layout | None = None,
 ) -> RunResult | None:
-    """Train one (method, seed) with DDP over the initialized process group."""
+    """Train one (method, seed) over the initialized process group: DDP, or FSDP2 for a sharded ``layout``."""
     from .. import ALQState, alq_hook
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    layout = layout or Layout("ddp", world, 1)
+    mode = layout.mode(dist.get_backend())
     torch.manual_seed(run.seed)
     net = build_model(run.model, data.input_shape, data.num_classes).to(device)
     net.train()
     n = num_parameters(net)
     qcfg = run.quantizer_config()
-    # find_unused_parameters=True keeps DDP's bucket layout as built (otherwise DDP rebuilds it after the first
-    # backward pass, and a resumed job would quantize another layout in its first round: not bit-identical)
-    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     log_every = run.interval(run.log_every, 40)
     eval_every = run.interval(run.eval_every, 20)
-    state_hook = ALQState(
-        qcfg,
-        quantizer=make_quantizer(run),
-        seed=10_000 + run.seed,
-        exact_below=0,
-        dist_num=run.dist_num,
-        measure_variance=log_every,
-    )
-    model.register_comm_hook(state_hook, alq_hook)
+    comm_kwargs: dict[str, Any] = {
+        "quantizer": make_quantizer(run),
+        "seed": 10_000 + run.seed,
+        "exact_below": 0,
+        "dist_num": run.dist_num,
+    }
+    model: torch.nn.Module
+    state_hook: Any  # ALQState, or the FSDP comm (the same telemetry, levels and state_dict)
+    if layout.sharded:
+        from .fsdp import from_local, local_snapshot, shard_model
+
+        state_hook, _ = shard_model(net, layout, device, qcfg, **comm_kwargs)
+        model = net
+    else:
+        # find_unused_parameters=True keeps DDP's bucket layout as built (otherwise DDP rebuilds it after the first
+        # backward pass, and a resumed job would quantize another layout in its first round: not bit-identical)
+        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        state_hook = ALQState(qcfg, **comm_kwargs, measure_variance=log_every)
+        model.register_comm_hook(state_hook, alq_hook)
     sampler = WorkerSampler(data.y_train.shape[0], world, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + 1000 * run.seed + rank)
     opt = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
     st = _new_state(bytes=0)
     ck_rank = f"{checkpoint}.rank{rank}" if checkpoint else None
     if resume and ck_rank and os.path.exists(ck_rank):
-        st = _restore(ck_rank, run, device, net, opt, sampler, aug, hook=state_hook)
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        if layout.sharded:
+            prepare = functools.partial(from_local, model=net, opt=opt, mode=mode, path=ck_rank, device=device)
+        st = _restore(ck_rank, run, device, net, opt, sampler, aug, prepare=prepare, hook=state_hook)
     if qcfg.quantized and not st["levels"]:
         st["levels"].append(
             {"step": 0, "levels": np.asarray(state_hook.levels, dtype=np.float64).tolist(), "initial": True}
         )
 
     def snapshot() -> dict[str, Any]:
-        return _snapshot(run, net, opt, sampler, aug, st, hook=state_hook)
+        ck = _snapshot(run, net, opt, sampler, aug, st, hook=state_hook)
+        return local_snapshot(ck, mode) if layout.sharded else ck
 
     start = int(st["step"])
     end = run.steps if stop_at is None else min(run.steps, stop_at)
@@ -132,7 +158,7 @@ def train_run_ddp(
         st["step"] = step + 1
         log_now = step % log_every == 0 or step == run.steps - 1
         entry: dict[str, float] = {"step": float(step + 1), "lr": run.lr_at(step), "loss": float(loss.detach())}
-        if log_now and rec is not None and step % log_every == 0:
+        if log_now and rec is not None and step % log_every == 0 and not layout.sharded:  # FSDP: not measured
             var = rec.variance if qcfg.quantized else 0.0
             st["last_var"] = _mean_over_ranks(float(var) if var is not None else float("nan"), device)
             entry["variance"] = st["last_var"]
@@ -153,7 +179,16 @@ def train_run_ddp(
         return None
     accs = [h["val_acc"] for h in st["history"] if "val_acc" in h]
     losses = [h["val_loss"] for h in st["history"] if "val_loss" in h]
-    bits = 8 * alq_core.payload_size(qcfg, n)  # per worker and step, as in the simulated mode
+    if layout.sharded:  # what this rank sent in the last round (telemetry)
+        bits = 8 * int(st["bytes"])
+    else:  # per worker and step, as in the simulated mode
+        bits = 8 * alq_core.payload_size(qcfg, n)
+    if not qcfg.quantized:
+        variance = 0.0
+    elif layout.sharded:  # the FSDP comms do not measure it
+        variance = float("nan")
+    else:
+        variance = float(st["last_var"])
     return RunResult(
         method=run.method,
         seed=run.seed,
@@ -165,21 +200,21 @@ def train_run_ddp(
         final_val_acc=float(accs[-1]) if accs else float("nan"),
         final_val_loss=float(losses[-1]) if losses else float("nan"),
         best_val_acc=float(st["best"]),
-        final_variance=float(st["last_var"]) if qcfg.quantized else 0.0,
+        final_variance=variance,
         bits_per_step=int(bits),
         train_seconds=times["train"],
         grad_seconds=times["train"] - times["quant"] - times["update"],
         quantize_seconds=times["quant"],
         update_seconds=times["update"],
         num_updates=int(st["num_updates"]),
-        mode=f"ddp-{dist.get_backend()}-{world}",
+        mode=mode,
         history=list(st["history"]),
         levels=list(st["levels"]),
     )
 
 
 def main_ddp(args: argparse.Namespace) -> int:
-    """``alq-train`` under torchrun: one process per worker."""
+    """``alq-train`` under torchrun: one process per worker (DDP, or FSDP2 with ``--fsdp``)."""
     from .report import format_table, plot_all, summarize, write_csv, write_json
 
     t_start = time.perf_counter()
@@ -199,6 +234,19 @@ def main_ddp(args: argparse.Namespace) -> int:
                 s = json.load(fh)
         else:
             s = resolve(args)
+        try:
+            layout = layout_of(bool(s.get("fsdp", False)), s.get("shard_size"), world)
+        except ValueError as exc:
+            raise SystemExit(f"alq-train: error: {exc}") from None
+        saved = s.get("layout")
+        if resume_dir and isinstance(saved, dict) and int(saved.get("world", world)) != world:
+            raise SystemExit(
+                f"alq-train: error: --resume {resume_dir!r}: its runs were written by {saved.get('world')} ranks "
+                f"({saved.get('mode')}); this job has WORLD_SIZE={world}; fix: resume with the same torchrun layout "
+                f"(nodes x processes per node = {saved.get('world')})"
+            )
+        backend = str(dist.get_backend())
+        s["layout"] = layout.to_dict(backend)
         data = load_data(s["data"], data_dir=s.get("data_dir"), synthetic_size=int(s["synthetic_size"])).to(device)
         n_train = int(data.y_train.shape[0])
         steps = resolve_steps(s, n_train, world)
@@ -208,8 +256,10 @@ def main_ddp(args: argparse.Namespace) -> int:
         if not out:
             holder: list[Any] = [time.strftime("%Y%m%d-%H%M%S")]
             dist.broadcast_object_list(holder, src=0)
+            ranks = f"{layout.replicas}x{layout.shard}" if layout.kind == "hsdp" else str(world)
             out = os.path.join(
-                "runs", f"ddp-{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-W{world}-{holder[0]}"
+                "runs",
+                f"{layout.kind}-{s['data']}-{s['model']}-b{s['bits']}-d{s['bucket_size']}-W{ranks}-{holder[0]}",
             )
         if rank == 0:
             os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
@@ -217,7 +267,7 @@ def main_ddp(args: argparse.Namespace) -> int:
             if not resume_dir:
                 write_json(os.path.join(out, "config.json"), s)
             print(
-                f"alq-train (DDP, {dist.get_backend()}, {world} ranks): {len(s['methods'])} methods x {len(s['seeds'])} seeds, "
+                f"alq-train ({layout.describe()}, {backend}): {len(s['methods'])} methods x {len(s['seeds'])} seeds, "
                 f"{steps} steps, batch {s['batch_size']}/rank; output -> {out}",
                 flush=True,
             )
@@ -241,6 +291,7 @@ def main_ddp(args: argparse.Namespace) -> int:
                     stop_at=args.stop_at,
                     progress=not args.no_progress,
                     desc=f"{method:>7} seed {seed}",
+                    layout=layout,
                 )
                 dist.barrier()
                 if res is None:
@@ -255,7 +306,7 @@ def main_ddp(args: argparse.Namespace) -> int:
                 print(f"stopped at step {args.stop_at}; continue with: torchrun ... -m alq_torch.train --resume {out}")
             else:
                 rows = summarize(results)
-                title = f"DDP {world} ranks: {s['data']}, {s['model']}, {s['bits']} bits, bucket {s['bucket_size']}, {steps} steps"
+                title = f"{layout.describe()}: {s['data']}, {s['model']}, {s['bits']} bits, bucket {s['bucket_size']}, {steps} steps"
                 table = format_table(rows, title=title)
                 print()
                 print(table)
@@ -270,7 +321,8 @@ def main_ddp(args: argparse.Namespace) -> int:
                         "runs": results,
                         "wall_seconds": wall,
                         "table": table,
-                        "mode": "ddp",
+                        "mode": layout.kind,
+                        "layout": s["layout"],
                     },
                 )
                 write_csv(os.path.join(out, "results.csv"), rows)

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -300,9 +301,15 @@ def _restore(
     opt: Any,
     sampler: Any,
     aug: torch.Generator,
+    *,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     **parts: Any,
 ) -> dict[str, Any]:
-    """Load the :func:`_snapshot` at ``path`` into the run's objects; returns its progress record."""
+    """Load the :func:`_snapshot` at ``path`` into the run's objects; returns its progress record.
+
+    ``prepare`` turns the checkpoint read from disk into what the objects load (the FSDP harness
+    rebuilds DTensors from the saved local shards); it runs after the run's settings are checked.
+    """
     ck = _load_checkpoint(path)
     missing = sorted({"run", "model", "optimizer", "sampler", "aug", "state", *parts} - set(ck))
     if missing:
@@ -312,6 +319,8 @@ def _restore(
         diff = {k: (ck["run"].get(k), v) for k, v in run.signature().items() if ck["run"].get(k) != v}
         msg = f"checkpoint {path!r} belongs to a different run; differing settings (saved, now): {diff}"
         raise ValueError(msg)
+    if prepare is not None:
+        ck = prepare(ck)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     opt.state.update({p: _tensor_state(s, device) for p, s in opt.state.items()})

@@ -365,7 +365,10 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     ax.set_ylabel(r"$\|Q(g)-g\|^2 / \|g\|^2$")
     ax.set_title(f"Normalized quantization variance{' — ' + title if title else ''}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, ncol=2)
+    else:  # fp32 only, or FSDP runs (whose comms do not measure the variance)
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="0.4")
     paths.append(save(fig, "variance.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from dataclasses import dataclass
 from typing import Any
 
 import alq_core
@@ -56,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "amp": "none",
     "channels_last": False,
     "exact_1d": False,
+    # under torchrun: DDP (False) or FSDP2 (True); ranks per FSDP shard group (None: all of them)
+    "fsdp": False,
+    "shard_size": None,
 }
 
 #: Presets: the paper's settings (SPEC section 10). Explicit flags override them.
@@ -176,6 +180,81 @@ def run_config(s: dict[str, Any], method: str, seed: int, steps: int, workers: i
         checkpoint_every=int(s["checkpoint_every"]),
         exact_1d=bool(s.get("exact_1d", False)),
     )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks of a ``torchrun`` job hold the model.
+
+    ``kind`` is ``"ddp"`` (every rank a full replica; ``shard`` is 1), ``"fsdp"`` (FSDP2 over every rank;
+    ``shard == world``) or ``"hsdp"`` (hybrid: ``replicas`` groups of ``shard`` ranks; FSDP2 within a
+    group, ALQ's quantized all-reduce across the groups).
+    """
+
+    kind: str
+    world: int
+    shard: int
+
+    @property
+    def replicas(self) -> int:
+        """Model replicas: ``world // shard``."""
+        return self.world // self.shard
+
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP2 (``fsdp`` or ``hsdp``)."""
+        return self.kind != "ddp"
+
+    def mode(self, backend: str) -> str:
+        """The run's mode label: ``ddp-gloo-2``, ``fsdp-nccl-8``, ``hsdp-nccl-2x8`` (replicas x shard)."""
+        if self.kind == "hsdp":
+            return f"hsdp-{backend}-{self.replicas}x{self.shard}"
+        return f"{self.kind}-{backend}-{self.world}"
+
+    def describe(self) -> str:
+        """In words, for titles: ``DDP 2 ranks``, ``FSDP 4 ranks``, ``hybrid FSDP 2x4 ranks``."""
+        if self.kind == "hsdp":
+            return f"hybrid FSDP {self.replicas}x{self.shard} ranks"
+        return f"{self.kind.upper()} {self.world} ranks"
+
+    def to_dict(self, backend: str) -> dict[str, Any]:
+        """Plain data for ``config.json`` and ``results.json``."""
+        return {
+            "kind": self.kind,
+            "world": self.world,
+            "replicas": self.replicas,
+            "shard_size": self.shard,
+            "mode": self.mode(backend),
+        }
+
+
+def layout_of(fsdp: bool, shard_size: int | None, world: int) -> Layout:
+    """The :class:`Layout` of ``--fsdp`` / ``--shard-size`` on ``world`` ranks; ValueError saying what to fix."""
+    if shard_size is not None and not fsdp:
+        msg = (
+            f"--shard-size sets the ranks per FSDP shard group and needs --fsdp; got --shard-size {shard_size} "
+            "without --fsdp; fix: add --fsdp (hybrid FSDP), or drop --shard-size (DDP)"
+        )
+        raise ValueError(msg)
+    if not fsdp:
+        return Layout("ddp", world, 1)
+    if world < 2:
+        msg = (
+            f"--fsdp shards the model over the processes of a torchrun job; got WORLD_SIZE={world} (not under "
+            "torchrun); fix: torchrun --nproc_per_node G -m alq_torch.train --fsdp ... (G >= 2), or drop --fsdp "
+            "(and --shard-size) to simulate K workers on one device"
+        )
+        raise ValueError(msg)
+    n = world if shard_size is None else int(shard_size)
+    if n < 1 or world % n != 0:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        msg = (
+            f"--shard-size must divide the world size {world} (ranks per shard group; the rest replicate): one "
+            f"of {divisors}; got {shard_size}; fix: the GPUs per node, as in torchrun --nnodes N "
+            "--nproc_per_node G ... --fsdp --shard-size G"
+        )
+        raise ValueError(msg)
+    return Layout("fsdp" if n == world else "hsdp", world, n)
 
 
 def versions() -> dict[str, str]:
