@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="shard the model with FSDP2 (every parameter-owning layer or block, then the root) instead of DDP; "
-        "ALQ quantizes FSDP's reduce-scatter. The quantization variance is not measured (NaN); bits per step are "
-        "the bytes a rank sent in the last step. Needs torchrun; --exact-1d, --amp and --channels-last are not "
+        "ALQ quantizes FSDP's reduce-scatter. The quantization variance is measured on each rank's own payloads; "
+        "bits per step are the bytes a rank sent in the last step. Needs torchrun; --exact-1d, --amp and --channels-last are not "
         "supported",
     )
     g.add_argument(
@@ -178,8 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-every",
         type=int,
         default=None,
-        help="log the quantization variance every N steps (not measured under --fsdp: the FSDP comms have no "
-        "variance measurement; reported as NaN, '-' in the table) [default: ~40 points per run]",
+        help="log the quantization variance every N steps [default: ~40 points per run]",
     )
     g.add_argument(
         "--checkpoint-every",

@@ -11,9 +11,9 @@ With ``--fsdp`` (and ``--shard-size N``) the model is sharded with FSDP2 instead
 (:mod:`alq_torch.train.fsdp`): the quantized reduce-scatter, or the hybrid layout
 (exact within groups of ``N`` ranks, quantized across them). Every rank runs the
 evaluation forward passes (FSDP all-gathers the parameters collectively), the
-checkpoints hold each rank's local shards, and the variance is not measured (the
-FSDP comms have no variance measurement: reported as NaN, "-" in the table).
-Bits per step are then the bytes this rank actually sent in the last round
+checkpoints hold each rank's local shards, and the variance is measured by the FSDP
+comm on this rank's own payloads (the chunks of its unsharded gradient; in the hybrid
+layout its reduce-scattered shard). Bits per step are then the bytes this rank actually sent in the last round
 (telemetry): the quantized reduce-scatter's, or in the hybrid layout only the
 traffic across groups.
 """
@@ -88,6 +88,7 @@ def train_run_ddp(
         "seed": 10_000 + run.seed,
         "exact_below": 0,
         "dist_num": run.dist_num,
+        "measure_variance": log_every,
     }
     model: torch.nn.Module
     state_hook: Any  # ALQState, or the FSDP comm (the same telemetry, levels and state_dict)
@@ -100,7 +101,7 @@ def train_run_ddp(
         # find_unused_parameters=True keeps DDP's bucket layout as built (otherwise DDP rebuilds it after the first
         # backward pass, and a resumed job would quantize another layout in its first round: not bit-identical)
         model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-        state_hook = ALQState(qcfg, **comm_kwargs, measure_variance=log_every)
+        state_hook = ALQState(qcfg, **comm_kwargs)
         model.register_comm_hook(state_hook, alq_hook)
     sampler = WorkerSampler(data.y_train.shape[0], world, run.batch_size, seed=run.seed)
     aug = torch.Generator(device=device).manual_seed(20_000 + 1000 * run.seed + rank)
@@ -158,7 +159,7 @@ def train_run_ddp(
         st["step"] = step + 1
         log_now = step % log_every == 0 or step == run.steps - 1
         entry: dict[str, float] = {"step": float(step + 1), "lr": run.lr_at(step), "loss": float(loss.detach())}
-        if log_now and rec is not None and step % log_every == 0 and not layout.sharded:  # FSDP: not measured
+        if log_now and rec is not None and step % log_every == 0:
             var = rec.variance if qcfg.quantized else 0.0
             st["last_var"] = _mean_over_ranks(float(var) if var is not None else float("nan"), device)
             entry["variance"] = st["last_var"]
@@ -183,12 +184,7 @@ def train_run_ddp(
         bits = 8 * int(st["bytes"])
     else:  # per worker and step, as in the simulated mode
         bits = 8 * alq_core.payload_size(qcfg, n)
-    if not qcfg.quantized:
-        variance = 0.0
-    elif layout.sharded:  # the FSDP comms do not measure it
-        variance = float("nan")
-    else:
-        variance = float(st["last_var"])
+    variance = float(st["last_var"]) if qcfg.quantized else 0.0
     return RunResult(
         method=run.method,
         seed=run.seed,
