@@ -317,6 +317,11 @@ def _series(results: Sequence[dict[str, Any]], method: str, key: str) -> tuple[n
     return np.array(common, dtype=float), np.array([np.mean([p[s] for p in per_seed]) for s in common])
 
 
+def _titled(what: str, title: str) -> str:
+    """A plot title: ``what``, then the run's ``title`` on a second line (long titles do not run off the figure)."""
+    return f"{what}\n{title}" if title else what
+
+
 def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = "") -> list[str]:
     """Write accuracy.png, variance.png, errors.png and levels.png into ``out_dir``; return their paths."""
     import matplotlib
@@ -348,7 +353,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
             ax.plot(x, 100 * y, label=m, color=colors[m], lw=1.6, ls="--" if m == "fp32" else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"Validation accuracy (mean over seeds){' — ' + title if title else ''}", fontsize=10)
+    ax.set_title(_titled("Validation accuracy (mean over seeds)", title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     paths.append(save(fig, "accuracy.png"))
@@ -363,7 +368,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(r"$\|Q(g)-g\|^2 / \|g\|^2$")
-    ax.set_title(f"Normalized quantization variance{' — ' + title if title else ''}", fontsize=10)
+    ax.set_title(_titled("Normalized quantization variance", title), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, ncol=2)
@@ -388,7 +393,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, ncol=2)
-    fig.suptitle(f"Measured errors{' — ' + title if title else ''}", fontsize=10)
+    fig.suptitle(_titled("Measured errors", title), fontsize=10)
     paths.append(save(fig, "errors.png"))
 
     adaptive = [m for m in methods if base[m] in METHODS and METHODS[base[m]].adaptive]
@@ -407,7 +412,7 @@ def plot_all(results: Sequence[dict[str, Any]], out_dir: str, *, title: str = ""
             ax.set_xlabel("step")
             ax.grid(alpha=0.3, which="both")
         axes[0][0].set_ylabel("positive levels")
-        fig.suptitle(f"Evolution of the adaptive levels{' — ' + title if title else ''}", fontsize=10)
+        fig.suptitle(_titled("Evolution of the adaptive levels", title), fontsize=10)
         paths.append(save(fig, "levels.png"))
     return paths
 
