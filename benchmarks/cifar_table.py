@@ -139,17 +139,26 @@ def markdown(rows: list[dict[str, Any]], paper: dict[str, float] | None, fp32_bi
 
 
 def sweep_markdown(rows: list[dict[str, Any]], group_by: str) -> str:
+    """Accuracy, then the normalized variance over training, per method (rows) and ``group_by`` value (columns)."""
     keys = sorted({r[group_by] for r in rows})
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "fp32", m))
     by = {(r["method"], r[group_by]): r for r in rows}
-    lines = ["| method | " + " | ".join(f"{group_by} {k}" for k in keys) + " |", "|---" * (1 + len(keys)) + "|"]
+    head = " | ".join(f"{group_by} {k}" for k in keys)
+    rule = "|---" * (1 + len(keys)) + "|"
+    acc = [f"| val acc % | {head} |", rule]
+    var = [f"| norm. variance | {head} |", rule]
     for m in methods:
-        cells = []
+        a, v = [], []
         for k in keys:
             r = by.get((m, k))
-            cells.append("" if r is None else f"{r['acc_mean']:.2f}" + (f" ± {r['acc_std']:.2f}" if len(r["seeds"]) > 1 else ""))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            a.append(
+                "" if r is None else f"{r['acc_mean']:.2f}" + (f" ± {r['acc_std']:.2f}" if len(r["seeds"]) > 1 else "")
+            )
+            v.append("" if r is None else f"{r['variance_mean']:.3g}")
+        acc.append(f"| {m} | " + " | ".join(a) + " |")
+        if m != "fp32":
+            var.append(f"| {m} | " + " | ".join(v) + " |")
+    return "\n".join(acc) + "\n\n" + "\n".join(var)
 
 
 def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, group_by: str | None) -> None:
@@ -159,14 +168,21 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, gro
     import matplotlib.pyplot as plt
 
     if group_by:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for m in sorted({r["method"] for r in rows}):
-            pts = sorted((r[group_by], r["acc_mean"]) for r in rows if r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(group_by)
-        ax.set_ylabel("validation accuracy %")
-        ax.legend(fontsize=7, ncol=2)
+            pts = sorted((r[group_by], r["acc_mean"], r["variance_mean"]) for r in rows if r["method"] == m)
+            if m == "fp32":  # one setting suffices: full precision does not depend on the quantizer's
+                a1.axhline(float(np.mean([p[1] for p in pts])), color="k", linestyle="--", label=m)
+                continue
+            a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            a2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
+        for ax in (a1, a2):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(group_by)
+        a1.set_ylabel("validation accuracy %")
+        a2.set_yscale("log")
+        a2.set_ylabel("normalized variance (mean over training)")
+        a1.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -210,19 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fp32 = [r for r in runs if r["method"] == "fp32"]
         md = markdown(rows, PAPER.get(args.paper) if args.paper else None, fp32[0]["bits_per_step"] if fp32 else None)
-        corr = predictors(rows)
-        if corr:
-            md += "\n\nSpearman correlation of accuracy with each measure across the quantized methods: " + ", ".join(
-                f"{k.removesuffix('_mean')} {v:+.2f}" for k, v in corr.items()
-            )
+    corr = predictors(rows)  # in a sweep: across every quantized (method, setting) row
+    if corr:
+        across = "quantized (method, setting) pairs" if args.group_by else "quantized methods"
+        md += f"\n\nSpearman correlation of accuracy with each measure across the {across}: " + ", ".join(
+            f"{k.removesuffix('_mean')} {v:+.2f}" for k, v in corr.items()
+        )
     s = settings
-    about = (
-        f"{s.get('model')} on {s.get('data')}, {s.get('bits')} bits, bucket {s.get('bucket_size')}, "
-        f"K={s.get('workers')}, batch {s.get('batch_size')}/worker, {runs[0]['steps']} steps, "
-        f"device {runs[0].get('_device')}"
-    )
+    grouped = {args.group_by} if args.group_by else set()
+    parts = [f"{s.get('model')} on {s.get('data')}"]
+    parts += [f"{s.get('bits')} bits"] if "bits" not in grouped else []
+    parts += [f"bucket {s.get('bucket_size')}"] if "bucket_size" not in grouped else []
+    parts += [f"K={s.get('workers')}", f"batch {s.get('batch_size')}/worker", f"{runs[0]['steps']} steps"]
+    about = ", ".join([*parts, f"device {runs[0].get('_device')}"])
     out.with_suffix(".md").write_text(f"{args.title}\n\n{about}\n\n{md}\n" if args.title else f"{about}\n\n{md}\n")
-    corr = {} if args.group_by else predictors(rows)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows, "spearman": corr}, indent=1))
     plot(runs, rows, out.with_suffix(".png"), args.group_by)
     print(about)
