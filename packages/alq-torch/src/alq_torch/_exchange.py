@@ -24,6 +24,7 @@ from alq_core import QuantizerConfig
 from ._checks import _HeaderChecks
 from ._levels_sync import local_stats
 from ._plans import _GatherPlan, _Plan, _ScatterPlan
+from ._tables import LevelsInForce
 from ._telemetry import BucketRecord, RecordHistory, StepRecord, _Span
 from ._wire import decode_sum
 
@@ -101,7 +102,7 @@ def record_own_error(
     rec._variance_parts.append(torch.stack([err, ref.double().square().sum()]))
 
 
-class _Exchange(_HeaderChecks, RecordHistory):
+class _Exchange(_HeaderChecks, LevelsInForce, RecordHistory):
     """Choosing and running one DDP bucket's exchange, on kept plans (one per DDP bucket index).
 
     :meth:`_communicate` is the hook's entry per bucket; the state opens and closes the round around it.
@@ -116,12 +117,9 @@ class _Exchange(_HeaderChecks, RecordHistory):
     measure_variance_every: int
     timing: bool
     seed: int
-    quantizer: Any
     _world: int
     _rank: int
     _plans: dict[int, _GatherPlan | _ScatterPlan]
-    _table_key: int | None
-    _table_host: np.ndarray | None
     _update_due: bool  # this round updates the levels: collect the buckets' statistics
     _stats: list[torch.Tensor]
     #: ``_begin_bucket()``: opens the round at its first bucket; the round's record (None: not kept).
@@ -131,17 +129,9 @@ class _Exchange(_HeaderChecks, RecordHistory):
     #: ``_all_gather(out, inp, async_op)``: an all-gather of flat tensors over the state's group.
     _all_gather: Callable[[torch.Tensor, torch.Tensor, bool], Any]
 
-    def _table(self) -> tuple[np.ndarray, int]:
-        """The level table in force (host float32: the ops cache its device copy by value) and its version;
-        a new table drops the plans built for the old one."""
-        version = int(self.quantizer.version)
-        if self._table_key != version or self._table_host is None:
-            host = self.quantizer.levels
-            assert host is not None
-            self._table_host = np.ascontiguousarray(host, dtype=np.float32)
-            self._table_key = version
-            self._plans.clear()
-        return self._table_host, version
+    def _table_changed(self) -> None:
+        """A new level table: the plans built for the old one go."""
+        self._plans.clear()
 
     def _communicate(self, buf: torch.Tensor, index: int, is_last: bool) -> torch.futures.Future[torch.Tensor]:
         """One bucket of the round: its record, its statistics at an update round, its exchange; the last

@@ -91,7 +91,7 @@ from alq_core import PayloadError, QuantizerConfig, payload_size
 
 from ._exchange import _FLOAT_DTYPES, _all_gather_flat, _derive_seed, record_own_error, variance_every
 from ._levels_sync import local_stats, sync_levels
-from ._tables import header_tensor, level_table
+from ._tables import LevelsInForce, header_tensor, level_table
 from ._telemetry import BucketRecord, LevelUpdateRecord, RecordHistory, StepRecord, current_stream
 from ._wire import decode_sum, quantize_encode
 
@@ -144,7 +144,7 @@ class _PendingFlags:
         return [(int(i), int(r)) for i, r in torch.nonzero(self._flags).tolist()]
 
 
-class _ALQComm(RecordHistory):
+class _ALQComm(LevelsInForce, RecordHistory):
     """What :class:`ALQReduceScatter` and :class:`ALQAllReduceHook` share: levels, rounds, telemetry, state."""
 
     _kind = ""
@@ -214,27 +214,6 @@ class _ALQComm(RecordHistory):
         self._flags_used = False
         self._pending: list[_PendingFlags] = []
         self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------ levels
-    @property
-    def levels(self) -> np.ndarray | None:
-        """The level table in force, float32 ``(L,)`` (None for ``fp32``)."""
-        lv = self.quantizer.levels
-        return None if lv is None else np.asarray(lv, dtype=np.float32)
-
-    @property
-    def table_version(self) -> int:
-        """Version of the level table in force (written into every payload)."""
-        return int(self.quantizer.version)
-
-    def _table(self) -> tuple[np.ndarray, int]:
-        version = self.table_version
-        if self._table_key != version or self._table_host is None:
-            host = self.levels
-            assert host is not None
-            self._table_host = np.ascontiguousarray(host, dtype=np.float32)
-            self._table_key = version
-        return self._table_host, version
 
     # --------------------------------------------------------------- telemetry
     # ------------------------------------------------------------------ rounds
@@ -497,6 +476,35 @@ class _ALQComm(RecordHistory):
         """The collective moving the payloads (all-to-all: FSDP; all-gather: hybrid). Tests override it."""
         raise NotImplementedError
 
+    def _exchange_and_decode(
+        self,
+        rec: BucketRecord,
+        send: torch.Tensor,
+        recv: torch.Tensor,
+        group: Any,
+        levels: np.ndarray,
+        version: int,
+        n: int,
+        out: torch.Tensor,
+        scale: float,
+        index: int,
+    ) -> None:
+        """Move the payloads (``send``, uint8) into ``recv`` (uint8 ``W * size``), then decode-average them into ``out`` (``n``)."""
+        device = out.device
+        span = self._span(rec, "communicate", device)
+        self._exchange(recv, send, group)
+        if span is not None:
+            span.stop()
+        span = self._span(rec, "decode", device)
+        world = dist.get_world_size(group)
+        ranks = [dist.get_global_rank(group, r) for r in range(world)]
+        if device.type == "cuda":
+            self._device_flags(device)
+            self._ranks_of[min(index, _MAX_CALLS - 1)] = ranks
+        self._decode(recv.view(world, -1), levels, version, n, out, scale, index, ranks)
+        if span is not None:
+            span.stop()
+
 
 class ALQReduceScatter(_ALQComm):
     """A quantized reduce-scatter for FSDP2: ``fsdp_module.set_custom_reduce_scatter(ALQReduceScatter(config))``.
@@ -567,7 +575,6 @@ class ALQReduceScatter(_ALQComm):
         """Reduce-scatter ``input_tensor`` (``W * S`` elements, chunk ``k`` for rank ``k``) into ``output_tensor`` (``S``)."""
         index, step_rec = self._begin_call()
         world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
         n = output_tensor.numel()
         if input_tensor.numel() != world * n:
             msg = f"reduce-scatter input must hold W * S = {world} * {n} elements; got {input_tensor.numel()}"
@@ -607,19 +614,7 @@ class ALQReduceScatter(_ALQComm):
         if self._measure_now():
             for k in range(world):
                 record_own_error(rec, send[k * size : (k + 1) * size], chunks[k], levels, cfg)
-        span = self._span(rec, "communicate", device)
-        self._exchange(recv, send, group)
-        if span is not None:
-            span.stop()
-        span = self._span(rec, "decode", device)
-        ranks = [dist.get_global_rank(group, r) for r in range(world)]
-        if device.type == "cuda":
-            self._device_flags(device)
-            self._ranks_of[min(index, _MAX_CALLS - 1)] = ranks
-        self._decode(recv.view(world, size), levels, version, n, output_tensor.view(-1), scale, index, ranks)
-        if span is not None:
-            span.stop()
-        del rank
+        self._exchange_and_decode(rec, send, recv, group, levels, version, n, output_tensor.view(-1), scale, index)
 
     def _exchange(self, recv: torch.Tensor, send: torch.Tensor, group: Any) -> None:
         dist.all_to_all_single(recv, send, group=group)
@@ -680,18 +675,7 @@ class ALQAllReduceHook(_ALQComm):
             span.stop()
         if self._measure_now():
             record_own_error(rec, send, flat, levels, cfg)
-        span = self._span(rec, "communicate", device)
-        self._exchange(recv, send, group)
-        if span is not None:
-            span.stop()
-        span = self._span(rec, "decode", device)
-        ranks = [dist.get_global_rank(group, r) for r in range(world)]
-        if device.type == "cuda":
-            self._device_flags(device)
-            self._ranks_of[min(index, _MAX_CALLS - 1)] = ranks
-        self._decode(recv.view(world, size), levels, version, n, flat, 1.0 / world, index, ranks)
-        if span is not None:
-            span.stop()
+        self._exchange_and_decode(rec, send, recv, group, levels, version, n, flat, 1.0 / world, index)
 
     def _exchange(self, recv: torch.Tensor, send: torch.Tensor, group: Any) -> None:
         _all_gather_flat(recv, send, group, False)

@@ -201,17 +201,6 @@ class ALQState(_Exchange):
         """This process's rank in the group."""
         return int(dist.get_rank(self.process_group))
 
-    @property
-    def levels(self) -> np.ndarray | None:
-        """The level table in force, float32 ``(L,)`` (None for ``fp32``)."""
-        lv = self.quantizer.levels
-        return None if lv is None else np.asarray(lv, dtype=np.float32)
-
-    @property
-    def table_version(self) -> int:
-        """Version of the level table in force (written into every payload)."""
-        return int(self.quantizer.version)
-
     # -------------------------------------------------------------- checkpoint
     def _config_key(self) -> dict[str, Any]:
         cfg = self.config

@@ -176,3 +176,41 @@ def header_tensor(
         while len(_HEADERS) > _MAX_ENTRIES:
             _HEADERS.popitem(last=False)
     return head
+
+
+class LevelsInForce:
+    """The level table in force of a communication object that owns an adaptive quantizer.
+
+    Mixed into the DDP hook's state and the FSDP2 comms; they set ``quantizer`` (an
+    ``alq_core.AdaptiveQuantizer``) and start ``_table_key`` / ``_table_host`` at None.
+    """
+
+    quantizer: Any
+    _table_key: int | None
+    _table_host: NDArray[np.float32] | None
+
+    @property
+    def levels(self) -> NDArray[np.float32] | None:
+        """The level table in force, float32 ``(L,)`` (None for ``fp32``)."""
+        lv = self.quantizer.levels
+        return None if lv is None else np.asarray(lv, dtype=np.float32)
+
+    @property
+    def table_version(self) -> int:
+        """Version of the level table in force (written into every payload)."""
+        return int(self.quantizer.version)
+
+    def _table(self) -> tuple[NDArray[np.float32], int]:
+        """The table in force as contiguous host float32 (the ops cache its device copy by value) and its
+        version; a new table calls :meth:`_table_changed`."""
+        version = self.table_version
+        if self._table_key != version or self._table_host is None:
+            host = self.levels
+            assert host is not None
+            self._table_host = np.ascontiguousarray(host, dtype=np.float32)
+            self._table_key = version
+            self._table_changed()
+        return self._table_host, version
+
+    def _table_changed(self) -> None:
+        """Drop what was built for the previous table (nothing here)."""
