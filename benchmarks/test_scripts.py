@@ -150,3 +150,20 @@ def test_cifar_table_merges_harness_runs(tmp_path: Path) -> None:
     sweep = (tmp_path / "s.md").read_text()
     assert "| val acc % | bucket_size 1024 |" in sweep and "| norm. variance | bucket_size 1024 |" in sweep
     assert "bucket 1024" not in sweep.splitlines()[0]  # the swept setting is not named as if fixed
+
+
+def test_cifar_table_sweep_correlates_over_method_setting_pairs(tmp_path: Path) -> None:
+    # Three quantized (method, bucket) pairs, accuracy falling as the variance rises: the sweep's Spearman must pool them.
+    pytest.importorskip("scipy")
+    for method, bucket, acc, var in [("alq", 128, 0.66, 0.2), ("alq", 16384, 0.62, 2.5), ("qsgdinf", 128, 0.64, 1.0)]:
+        run = {"method": method, "seed": 0, "final_val_acc": acc, "best_val_acc": acc, "bucket_size": bucket,
+               "bits_per_step": 1.0, "train_seconds": 1.0, "steps": 1,
+               "history": [{"step": 1, "val_acc": acc, "variance": var, "top_error": 1.0 / var, "avg_error": var}]}  # fmt: skip
+        d = tmp_path / f"{method}-{bucket}"
+        d.mkdir()
+        res = {"runs": [run], "settings": {"bucket_size": bucket, "bits": 3}, "device": "cpu"}
+        (d / "results.json").write_text(json.dumps(res))
+    _run(HERE / "cifar_table.py", tmp_path / "s", *sorted(tmp_path.glob("*-*")), "--group-by", "bucket_size")
+    corr = json.loads((tmp_path / "s.json").read_text())["spearman"]
+    assert corr["variance_mean"] == pytest.approx(-1.0) and corr["top_error_mean"] == pytest.approx(1.0)
+    assert "across the quantized (method, setting) pairs: variance -1.00" in (tmp_path / "s.md").read_text()

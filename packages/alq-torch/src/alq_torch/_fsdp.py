@@ -215,7 +215,6 @@ class _ALQComm(LevelsInForce, RecordHistory):
         self._pending: list[_PendingFlags] = []
         self._lock = threading.Lock()
 
-    # --------------------------------------------------------------- telemetry
     # ------------------------------------------------------------------ rounds
     def _begin_call(self) -> tuple[int, StepRecord | None]:
         if not self._in_round:
