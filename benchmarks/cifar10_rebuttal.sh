@@ -16,7 +16,7 @@
 # and the longest schedule that lets every wave of the queue finish inside BUDGET_S (default 575) is chosen from
 # the probe's step time and start-up time (85 % of the estimate). Processes still running at BUDGET_S are stopped;
 # a stopped comparison keeps its finished runs (runs/*.json), which benchmarks/cifar_table.py reads.
-# MAX_STEPS caps an 'auto' schedule. Writes OUT/*.md|json|png and OUT/plan.txt (probe, timings, GPU memory).
+# MAX_STEPS caps an 'auto' schedule; ONLY="fp32-s0 alq-s0 ..." keeps those table runs, in that order. Writes OUT/*.md|json|png and OUT/plan.txt (probe, timings, GPU memory).
 set -u
 export PYTHONPATH=packages/alq-core/src:packages/alq-torch/src:packages/alq-cupy/src
 WHAT=$1; SRC=$2; R=$3; STEPS=$4; P=${5:-auto}; BUDGET=${6:-575}; AMP=${7:-none}; BATCH=${BATCH:-128}
@@ -41,6 +41,9 @@ else
   for b in 2 4 8 6; do echo "--bits $b --bucket-size 8192 --methods $M --out $R/bits/b$b"; done >> $JOBS
   for d in 128 2048 32768; do echo "--bits 3 --bucket-size $d --clip 2.5 --methods $M --out $R/clip/d$d"; done >> $JOBS
   PMAX=12
+fi
+if [ -n "${ONLY:-}" ]; then  # e.g. ONLY="fp32-s0 alq-s0": those runs of the table, in that order
+  for o in $ONLY; do grep -- "--out $R/runs/$o\$" $JOBS; done > $JOBS.only; mv $JOBS.only $JOBS
 fi
 if [ "$P" = auto ]; then
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
