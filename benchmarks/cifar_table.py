@@ -191,14 +191,16 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, gro
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_label[_label(r)].append(r)
-    for label, rs in sorted(by_label.items()):
+    palette = plt.get_cmap("tab10" if len(by_label) <= 10 else "tab20")
+    for i, (label, rs) in enumerate(sorted(by_label.items())):
+        color = palette(i)  # one colour per method, the same in both panels
         curves = [[(h["step"], 100 * h["val_acc"]) for h in r["history"] if "val_acc" in h] for r in rs]
         n = min(len(c) for c in curves)
         accs = np.array([[a for _, a in c[:n]] for c in curves])
-        a1.plot([st for st, _ in curves[0][:n]], accs.mean(axis=0), label=label)
+        a1.plot([st for st, _ in curves[0][:n]], accs.mean(axis=0), label=label, color=color)
         vs = [(h["step"], h["variance"]) for h in rs[0]["history"] if h.get("variance") is not None]
         if vs and label != "fp32":
-            a2.plot([v[0] for v in vs], [v[1] for v in vs], label=label)
+            a2.plot([v[0] for v in vs], [v[1] for v in vs], label=label, color=color)
     a1.set_xlabel("step")
     a1.set_ylabel("validation accuracy % (mean over seeds)")
     a1.legend(fontsize=7, ncol=2)
