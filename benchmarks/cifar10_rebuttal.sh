@@ -14,7 +14,8 @@
 # long:  table runs (default: seed 0 of fp32, QSGDinf, ALQ, AMQ, alq-einf) at a schedule longer than one call, all
 #        at once, continued across calls: their output directories and checkpoints (every CKPT steps, default 50)
 #        live under STATE; a call resumes each run from its last checkpoint, trains until BUDGET_S, and packs each
-#        run directory as OUT/<run>.tgz (unpack them into STATE/runs before the next call, and carry STATE).
+#        run directory as OUT/<run>.tgz (unpack them into STATE/runs before the next call, and carry STATE), the
+#        rest (plan, tables, logs) as OUT/summary.tgz.
 # DATA: data/cifar10-images.npz (benchmarks/pack_cifar10.py) or a CIFAR-10 directory. PARALLEL processes run at
 # once ('auto', the default: as many as GPU memory holds at 14 GiB per ResNet-32 process at K = 16 x 128 (12.2 GiB
 # measured, 64 GiB peak for five), at most 9 (12 for the sweep). Measured on one H100 in fp32: five ResNet-32
@@ -99,6 +100,8 @@ for o in sys.argv[2:]:
     print(f"{o}: step {st.get('step', 0)}, val acc {acc[-1] if acc else float('nan'):.4f}{', finished' if done else ''}")
 PY
   for o in $ONLY; do tar czf $R/$o.tgz -C $RUNS $o $o.log; done
+  cat $R/plan.txt $R/table.txt  # the rest as one archive: a device call returns at most 8 files
+  tar czf $R/summary.tgz -C $R --exclude='*.tgz' . && find $R -mindepth 1 ! -name '*.tgz' -delete; exit 0
 else
   rm -rf $R/*/*/checkpoints
 fi
