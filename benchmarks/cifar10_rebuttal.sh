@@ -54,7 +54,8 @@ else
   PMAX=9
 fi
 if [ -n "${ONLY:-}" ]; then  # those runs of the table, in that order
-  for o in $ONLY; do grep -- "--out $RUNS/$o\$" $JOBS; done > $JOBS.only; mv $JOBS.only $JOBS
+  for o in $ONLY; do grep -- "--out $RUNS/$o\$" $JOBS || { echo "ONLY: no table run named '$o'; names are \
+$(sed 's#.*/##' $JOBS | tr '\n' ' ')" >&2; exit 2; }; done > $JOBS.only; mv $JOBS.only $JOBS
 fi
 if [ "$WHAT" = long ]; then  # a run with a config.json from an earlier call continues from its checkpoint
   while read -r line; do o=${line##*--out }
@@ -91,17 +92,19 @@ else
 fi
 if [ "$WHAT" = long ]; then  # where each run stands, then one archive per run (checkpoints included)
   python - $RUNS $ONLY >> $R/plan.txt <<'PY'
-import glob, sys, torch
+import glob, sys
+from alq_torch.train.loop import _load_checkpoint
 for o in sys.argv[2:]:
     ck = glob.glob(f"{sys.argv[1]}/{o}/checkpoints/*.pt")
     done = glob.glob(f"{sys.argv[1]}/{o}/runs/*.json")
-    st = torch.load(ck[0], map_location="cpu", weights_only=True)["state"] if ck else {}
+    st = _load_checkpoint(ck[0])["state"] if ck else {}
     acc = [h["val_acc"] for h in st.get("history", []) if "val_acc" in h]
     print(f"{o}: step {st.get('step', 0)}, val acc {acc[-1] if acc else float('nan'):.4f}{', finished' if done else ''}")
 PY
   for o in $ONLY; do tar czf $R/$o.tgz -C $RUNS $o $o.log; done
   cat $R/plan.txt $R/table.txt  # the rest as one archive: a device call returns at most 8 files
-  tar czf $R/summary.tgz -C $R --exclude='*.tgz' . && find $R -mindepth 1 ! -name '*.tgz' -delete; exit 0
+  tar czf /tmp/summary.$$.tgz -C $R --exclude='*.tgz' . && find $R -mindepth 1 ! -name '*.tgz' -delete
+  mv /tmp/summary.$$.tgz $R/summary.tgz; exit 0
 else
   rm -rf $R/*/*/checkpoints
 fi
