@@ -11,11 +11,12 @@
 # sweep: ResNet-8 (K = 16 x BATCH, default 128), every quantized method per process: bucket 128 ... 32768 at 3 bits,
 #        bits 2 ... 8 at bucket 8192, and the bucket sweep with TernGrad's 2.5-sigma clipping for every method (the
 #        rebuttal's Fig. 1); fp32 once.
-# long:  table runs (default: seed 0 of fp32, QSGDinf, ALQ, AMQ, alq-einf) at a schedule longer than one call, all
-#        at once, continued across calls: their output directories and checkpoints (every CKPT steps, default 50)
-#        live under STATE; a call resumes each run from its last checkpoint, trains until BUDGET_S, and packs each
-#        run directory as OUT/<run>.tgz (unpack them into STATE/runs before the next call, and carry STATE), the
-#        rest (plan, tables, logs) as OUT/summary.tgz.
+# long:  table runs (default: seeds 0 and 1 of fp32, QSGDinf, ALQ, AMQ, NUQSGD) at a schedule longer than one call,
+#        continued across calls: their output directories and checkpoints (every CKPT steps, default 50)
+#        live under STATE; a call resumes each unfinished run from its last checkpoint, trains until BUDGET_S, and
+#        packs each run under way as OUT/<run>.tgz, the finished ones (without checkpoints) as OUT/finished.tgz
+#        (unpack them all into STATE/runs before the next call, and carry STATE), the rest (plan, tables, logs) as
+#        OUT/summary.tgz. With more runs than PARALLEL, the later ones start as the earlier ones finish.
 # DATA: data/cifar10-images.npz (benchmarks/pack_cifar10.py) or a CIFAR-10 directory. PARALLEL processes run at
 # once ('auto', the default: as many as GPU memory holds at 14 GiB per ResNet-32 process at K = 16 x 128 (12.2 GiB
 # measured, 64 GiB peak for five), at most 9 (12 for the sweep). Measured on one H100 in fp32: five ResNet-32
@@ -32,7 +33,7 @@ python -c "from alq_torch.train.data import load_data; load_data('cifar10', data
 RUNS=$R/runs; EXTRA=""
 if [ "$WHAT" = long ]; then
   RUNS=${STATE:?long needs STATE=dir (the runs carried from call to call)}/runs; EXTRA="--checkpoint-every ${CKPT:-50}"
-  ONLY=${ONLY:-fp32-s0 qsgdinf-s0 alq-s0 amq-s0 alq-einf-s0}
+  ONLY=${ONLY:-fp32-s0 qsgdinf-s0 alq-s0 amq-s0 nuqsgd-s0 fp32-s1 qsgdinf-s1 alq-s1 amq-s1 nuqsgd-s1}
 fi
 JOBS=$R/jobs.txt; : > $JOBS
 if [ "$WHAT" = sweep ]; then
@@ -59,7 +60,8 @@ $(sed 's#.*/##' $JOBS | tr '\n' ' ')" >&2; exit 2; }; done > $JOBS.only; mv $JOB
 fi
 if [ "$WHAT" = long ]; then  # a run with a config.json from an earlier call continues from its checkpoint
   while read -r line; do o=${line##*--out }
-    if [ -f $o/config.json ]; then echo "--resume $o --out $o"; else echo "$line"; fi
+    if ls $o/runs/*.json > /dev/null 2>&1; then continue  # finished in an earlier call
+    elif [ -f $o/config.json ]; then echo "--resume $o --out $o"; else echo "$line"; fi
   done < $JOBS > $JOBS.resume; mv $JOBS.resume $JOBS
 fi
 if [ "$P" = auto ]; then
@@ -96,12 +98,21 @@ import glob, sys
 from alq_torch.train.loop import _load_checkpoint
 for o in sys.argv[2:]:
     ck = glob.glob(f"{sys.argv[1]}/{o}/checkpoints/*.pt")
-    done = glob.glob(f"{sys.argv[1]}/{o}/runs/*.json")
+    if glob.glob(f"{sys.argv[1]}/{o}/runs/*.json"):
+        print(f"{o}: finished (its accuracy is in the table below)")
+        continue
     st = _load_checkpoint(ck[0])["state"] if ck else {}
     acc = [h["val_acc"] for h in st.get("history", []) if "val_acc" in h]
-    print(f"{o}: step {st.get('step', 0)}, val acc {acc[-1] if acc else float('nan'):.4f}{', finished' if done else ''}")
+    print(f"{o}: step {st.get('step', 0)}, val acc {acc[-1] if acc else float('nan'):.4f}")
 PY
-  for o in $ONLY; do tar czf $R/$o.tgz -C $RUNS $o $o.log; done
+  # a run still under way as OUT/<run>.tgz (checkpoints included), the finished ones without checkpoints as one
+  # OUT/finished.tgz, runs not started yet not at all: at most PARALLEL + 2 files
+  FIN=()
+  for o in $ONLY; do [ -d $RUNS/$o ] || continue
+    if ls $RUNS/$o/runs/*.json > /dev/null 2>&1; then rm -rf $RUNS/$o/checkpoints; FIN+=($o $o.log)
+    else tar czf $R/$o.tgz -C $RUNS $o $o.log; fi
+  done
+  [ ${#FIN[@]} -gt 0 ] && tar czf $R/finished.tgz -C $RUNS "${FIN[@]}"
   cat $R/plan.txt $R/table.txt  # the rest as one archive: a device call returns at most 8 files
   tar czf /tmp/summary.$$.tgz -C $R --exclude='*.tgz' . && find $R -mindepth 1 ! -name '*.tgz' -delete
   mv /tmp/summary.$$.tgz $R/summary.tgz; exit 0
