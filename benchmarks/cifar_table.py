@@ -75,6 +75,11 @@ def _mean_over_history(r: dict[str, Any], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _last(r: dict[str, Any], key: str) -> float:
+    vals = [h[key] for h in r.get("history", []) if h.get(key) is not None and math.isfinite(h[key])]
+    return float(vals[-1]) if vals else float("nan")
+
+
 def summarize(runs: list[dict[str, Any]], group_by: str | None = None) -> list[dict[str, Any]]:
     """One row per method label (and ``group_by`` value): accuracy mean/std over seeds and the rest."""
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
@@ -92,6 +97,7 @@ def summarize(runs: list[dict[str, Any]], group_by: str | None = None) -> list[d
                 "acc_mean": float(acc.mean()),
                 "acc_std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
                 "best_acc_mean": float(np.mean([100 * r["best_val_acc"] for r in rs])),
+                "train_loss_end": float(np.nanmean([_last(r, "loss") for r in rs])),
                 "variance_mean": float(np.nanmean([_mean_over_history(r, "variance") for r in rs])),
                 "top_error_mean": float(np.nanmean([_mean_over_history(r, "top_error") for r in rs])),
                 "avg_error_mean": float(np.nanmean([_mean_over_history(r, "avg_error") for r in rs])),
@@ -124,15 +130,18 @@ def predictors(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def markdown(rows: list[dict[str, Any]], paper: dict[str, float] | None, fp32_bits: float | None) -> str:
-    head = "| method | val acc % (mean ± std, n) | paper % | norm. variance (mean over training) | top-1% error | error of the average | wire / step / worker | step ms |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| method | val acc % (mean ± std, n) | paper % | train loss (end) | norm. variance (mean over training) "
+        "| top-1% error | error of the average | wire / step / worker | step ms |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = paper.get(r["method"].split("+")[0]) if paper else None
         bits = r["bits_per_step_per_worker"]
         ratio = f" ({bits / fp32_bits:.3f}x)" if fp32_bits else ""
         lines.append(
             f"| {r['method']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} ({len(r['seeds'])}) | "
-            f"{'' if ref is None else f'{ref:.2f}'} | {r['variance_mean']:.3g} | {r['top_error_mean']:.3g} | "
+            f"{'' if ref is None else f'{ref:.2f}'} | {r['train_loss_end']:.3g} | {r['variance_mean']:.3g} | {r['top_error_mean']:.3g} | "
             f"{r['avg_error_mean']:.3g} | {bits / 8e3:.1f} kB{ratio} | {r['step_ms']:.1f} |"
         )
     return "\n".join(lines)

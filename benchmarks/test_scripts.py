@@ -146,6 +146,9 @@ def test_cifar_table_merges_harness_runs(tmp_path: Path) -> None:
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"fp32", "alq-einf", "qsgdinf"} and rows["alq-einf"]["seeds"] == [0, 1]
     assert "| qsgdinf |" in (tmp_path / "t.md").read_text() and (tmp_path / "t.png").is_file()
+    fp32_run = json.loads((tmp_path / "fp32-0" / "results.json").read_text())["runs"][0]
+    last_loss = [h["loss"] for h in fp32_run["history"] if "loss" in h][-1]
+    assert rows["fp32"]["train_loss_end"] == pytest.approx(last_loss)  # the optimization-speed column
     _run(HERE / "cifar_table.py", tmp_path / "s", *dirs, "--group-by", "bucket_size")
     sweep = (tmp_path / "s.md").read_text()
     assert "| val acc % | bucket_size 1024 |" in sweep and "| norm. variance | bucket_size 1024 |" in sweep

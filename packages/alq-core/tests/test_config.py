@@ -50,6 +50,7 @@ def test_config_is_frozen():
         ({"tail": "drop"}, r"`tail` must be 'quantize' or 'full'; got 'drop'"),
         ({"clip": -1.0}, r"`clip` must be a positive number.*got -1\.0"),
         ({"clip": float("nan")}, r"`clip` must be a positive number"),
+        ({"method": "fp32", "clip": 2.5}, r"`clip` applies to quantized methods only; 'fp32'.*clip=2\.5 would be ignored"),
         ({"nonfinite": "ignore"}, r"`nonfinite` must be 'raise' or 'propagate'; got 'ignore'"),
     ],
 )

@@ -13,6 +13,7 @@ import torch
 from alq_torch.train import RunConfig, build_model, load_digits_data, main, num_parameters, train_run
 from alq_torch.train.cli import ALL_METHODS, build_parser
 from alq_torch.train.loop import GradientComputer, _load_checkpoint
+from alq_torch.train.settings import resolve
 
 CPU = torch.device("cpu")
 TINY = ["--model", "mlp-16", "--workers", "4", "--batch-size", "8", "--bucket-size", "256", "--no-progress"]
@@ -132,6 +133,15 @@ def test_bad_flags_get_clear_errors() -> None:
         main(["--bits", "9"])
     with pytest.raises(SystemExit, match=r"--clip must be a number, 'none' or 'auto'"):
         main(["--clip", "lots"])
+
+
+def test_clip_reaches_the_quantizers_and_leaves_fp32_unclipped() -> None:
+    # The rebuttal's Fig. 1 clips every quantized method; full precision has nothing to clip and stays the baseline.
+    fp32 = RunConfig(method="fp32", clip=2.5).quantizer_config()
+    qsgdinf = RunConfig(method="qsgdinf", clip=2.5).quantizer_config()
+    assert fp32.clip is None and qsgdinf.clip == 2.5
+    s = resolve(build_parser().parse_args(["--methods", "fp32,qsgdinf", "--clip", "2.5"]))  # validation agrees
+    assert s["clip"] == 2.5
 
 
 def test_help_lists_the_flags(capsys) -> None:  # type: ignore[no-untyped-def]

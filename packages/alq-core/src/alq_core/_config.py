@@ -84,6 +84,13 @@ class QuantizerConfig:
                 msg = f"`clip` must be a positive number of standard deviations, None or 'auto'; got {self.clip!r}"
                 raise ValueError(msg)
             clip = float(clip)
+            if not spec.quantized:
+                msg = (
+                    f"`clip` applies to quantized methods only; {self.method!r} sends the gradient unchanged, so "
+                    f"clip={self.clip!r} would be ignored. Use clip=None (or 'auto') for {self.method!r}, "
+                    "and give the clipping to the quantized methods"
+                )
+                raise ValueError(msg)
         object.__setattr__(self, "clip", clip)
         if self.nonfinite not in _NONFINITE:
             msg = f"`nonfinite` must be 'raise' or 'propagate'; got {self.nonfinite!r}"

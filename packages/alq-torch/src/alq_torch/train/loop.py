@@ -63,8 +63,9 @@ class RunConfig:
     exact_1d: bool = False
 
     def quantizer_config(self) -> alq_core.QuantizerConfig:
-        """The :class:`alq_core.QuantizerConfig` of this run."""
-        return alq_core.QuantizerConfig(self.method, bits=self.bits, bucket_size=self.bucket_size, clip=self.clip)
+        """The :class:`alq_core.QuantizerConfig` of this run (``fp32`` is never clipped: ``--clip`` is for the quantizers)."""
+        clip = self.clip if alq_core.METHODS[self.method].quantized else None
+        return alq_core.QuantizerConfig(self.method, bits=self.bits, bucket_size=self.bucket_size, clip=clip)
 
     def lr_at(self, step: int) -> float:
         """Learning rate at ``step``: ``lr * 0.1**(milestones passed)``."""
