@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU checks for code changed since its last GPU run (one H200 / H100, ~4 min). Round 12 ran the FSDP gloo-cuda
-# tests, test_hook_gpu.py and fsdp_bench on an H100 (benchmarks/results/gpu_tests_round12_h100x1.txt); the sketch
-# tests, hook_breakdown, bf16 batched-worker timing and the preset run are still owed:
+# tests, test_hook_gpu.py and fsdp_bench on an H100 (benchmarks/results/gpu_tests_round12_h100x1.txt), round 13 the
+# bf16 batched-worker timing (sim_workers_bf16_h200.txt); the sketch tests, hook_breakdown and the preset run on a GPU
+# (it ran end to end on the CPU: results/cifar10-preset-cpu-smoke/) are still owed:
 #   OUT=dir bash benchmarks/gpu_checks.sh [CIFAR_NPZ]
 # FSDP gloo-cuda tests, the hook GPU tests, the sketch kernels, hook_breakdown, fsdp_bench on a fake 2-rank group,
 # bf16 batched-worker timing, and the CIFAR-10 preset end to end plus step times / memory for planning the table.
