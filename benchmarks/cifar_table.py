@@ -70,13 +70,18 @@ def _label(r: dict[str, Any]) -> str:
     return str(r["method"]) + ("+1d" if r.get("exact_1d") else "")
 
 
+def _logged(r: dict[str, Any], key: str) -> list[float]:
+    """The finite values of ``key`` over the run's history, in step order."""
+    return [h[key] for h in r.get("history", []) if h.get(key) is not None and math.isfinite(h[key])]
+
+
 def _mean_over_history(r: dict[str, Any], key: str) -> float:
-    vals = [h[key] for h in r.get("history", []) if h.get(key) is not None and math.isfinite(h[key])]
+    vals = _logged(r, key)
     return float(np.mean(vals)) if vals else float("nan")
 
 
 def _last(r: dict[str, Any], key: str) -> float:
-    vals = [h[key] for h in r.get("history", []) if h.get(key) is not None and math.isfinite(h[key])]
+    vals = _logged(r, key)
     return float(vals[-1]) if vals else float("nan")
 
 

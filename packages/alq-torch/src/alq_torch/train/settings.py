@@ -147,10 +147,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"alq-train: error: --{key.replace('_', '-')} must be positive; got {s[key]}")
     if s.get("steps") is not None and int(s["steps"]) < 1:
         raise SystemExit(f"alq-train: error: --steps must be positive; got {s['steps']}")
-    for m in names:  # validates bits / bucket / clip combinations with the core's messages (fp32: never clipped)
-        clip = s["clip"] if alq_core.METHODS[m].quantized else None
+    for m in names:  # validates bits / bucket / clip combinations with the core's messages, as the runs build them
         try:
-            alq_core.QuantizerConfig(m, bits=int(s["bits"]), bucket_size=int(s["bucket_size"]), clip=clip)
+            RunConfig(method=m, bits=int(s["bits"]), bucket_size=int(s["bucket_size"]), clip=s["clip"]).quantizer_config()
         except ValueError as exc:
             raise SystemExit(f"alq-train: error: {exc}") from None
     return s
