@@ -8,9 +8,11 @@
 # table: the rebuttal table (ResNet-32, 3 bits, bucket 16384, K = 16 x 128 images): two seeds of fp32, QSGDinf,
 #        ALQ, AMQ, NUQSGD, alq-einf, one of ALQ-N, AMQ-N, TernGrad and ALQ with 1-D tensors exact, then alq-e and
 #        QSGD (18 runs), one process per run, seed 0 of the main methods first.
-# sweep: ResNet-8 (K = 16 x BATCH, default 128), every quantized method per process: bucket 128 ... 32768 at 3 bits,
-#        bits 2 ... 8 at bucket 8192, and the bucket sweep with TernGrad's 2.5-sigma clipping for every method (the
-#        rebuttal's Fig. 1); fp32 once.
+# sweep: ResNet-8 (K = 16 x BATCH, default 128), one process per (setting, method), most telling first: bucket
+#        128 ... 32768 at 3 bits, bits 2 ... 8 at bucket 8192, and the bucket sweep with TernGrad's 2.5-sigma clipping
+#        for every method (the rebuttal's Fig. 1); fp32 once. Runs are named GROUP/SETTING-METHOD (bucket/d128-alq,
+#        bits/b2-amq, clip/d32768-qsgdinf, ...); ONLY="..." keeps those, in that order (the rest of an interrupted
+#        sweep in a later call).
 # long:  table runs (default: seeds 0 and 1 of fp32, QSGDinf, ALQ, AMQ, NUQSGD) at a schedule longer than one call,
 #        continued across calls: their output directories and checkpoints (every CKPT steps, default 50)
 #        live under STATE; a call resumes each unfinished run from its last checkpoint, trains until BUDGET_S, and
@@ -19,7 +21,7 @@
 #        OUT/summary.tgz. With more runs than PARALLEL, the later ones start as the earlier ones finish.
 # DATA: data/cifar10-images.npz (benchmarks/pack_cifar10.py) or a CIFAR-10 directory. PARALLEL processes run at
 # once ('auto', the default: as many as GPU memory holds at 14 GiB per ResNet-32 process at K = 16 x 128 (12.2 GiB
-# measured, 64 GiB peak for five), at most 9 (12 for the sweep). Measured on one H100 in fp32: five ResNet-32
+# measured, 64 GiB peak for five), at most 9; for the sweep 6 GiB per ResNet-8 process, at most 12). Measured on one H100 in fp32: five ResNet-32
 # processes at K = 16 x 128 take 0.40-0.45 s per step each, plus ~15 s to start and ~1 s per evaluation; budget
 # STEPS from that. Processes still running at BUDGET_S (default 575) are stopped; a stopped comparison keeps its
 # finished runs (runs/*.json), which benchmarks/cifar_table.py reads. ONLY="fp32-s0 alq-s0 ..." keeps those table
@@ -38,12 +40,15 @@ fi
 JOBS=$R/jobs.txt; : > $JOBS
 if [ "$WHAT" = sweep ]; then
   MODEL="--model resnet8 --seeds 0"
-  M=qsgdinf,alq-einf,alq,amq,nuqsgd,trn,alq-n,amq-n,alq-e,qsgd
-  echo "--bits 3 --bucket-size 8192 --methods fp32 --out $R/bucket/fp32" >> $JOBS
-  for d in 128 32768 2048 512 8192; do echo "--bits 3 --bucket-size $d --methods $M --out $R/bucket/d$d"; done >> $JOBS
-  for b in 2 4 8 6; do echo "--bits $b --bucket-size 8192 --methods $M --out $R/bits/b$b"; done >> $JOBS
-  for d in 128 2048 32768; do echo "--bits 3 --bucket-size $d --clip 2.5 --methods $M --out $R/clip/d$d"; done >> $JOBS
-  PMAX=12
+  M="qsgdinf alq amq nuqsgd alq-einf"  # TernGrad's two bits and its clip are its own: bucket sweep only
+  bucket() { for m in $2; do echo "--bits 3 --bucket-size $1 --methods $m --out $RUNS/bucket/d$1-$m"; done; }
+  bits() { for m in $2; do echo "--bits $1 --bucket-size 8192 --methods $m --out $RUNS/bits/b$1-$m"; done; }
+  clip() { for m in $2; do echo "--bits 3 --bucket-size $1 --clip 2.5 --methods $m --out $RUNS/clip/d$1-$m"; done; }
+  { echo "--bits 3 --bucket-size 8192 --methods fp32 --out $RUNS/bucket/d8192-fp32"
+    for d in 128 32768 8192; do bucket $d "$M trn"; done; for b in 2 8; do bits $b "$M"; done; clip 32768 "$M"
+    for d in 2048 512; do bucket $d "$M trn"; done; bits 4 "$M"; bits 6 "$M"; clip 128 "$M"; clip 2048 "$M"
+    bits 5 "$M"; bits 7 "$M"; for d in 128 8192 32768; do bucket $d "alq-n amq-n"; done; } >> $JOBS
+  PMAX=12; GIB=6  # a ResNet-8 process at K = 16 x 128
 else
   MODEL="--model resnet32 --bits 3 --bucket-size 16384"
   for s in 0 1; do for m in fp32 qsgdinf alq amq nuqsgd alq-einf; do echo "--methods $m --seeds $s --out $RUNS/$m-s$s"
@@ -52,11 +57,11 @@ else
   echo "--methods trn --seeds 0 --out $RUNS/trn-s0" >> $JOBS
   echo "--exact-1d --methods alq --seeds 0 --out $RUNS/alq-1d-s0" >> $JOBS
   for m in alq-e qsgd; do echo "--methods $m --seeds 0 --out $RUNS/$m-s0"; done >> $JOBS
-  PMAX=9
+  PMAX=9; GIB=14
 fi
-if [ -n "${ONLY:-}" ]; then  # those runs of the table, in that order
-  for o in $ONLY; do grep -- "--out $RUNS/$o\$" $JOBS || { echo "ONLY: no table run named '$o'; names are \
-$(sed 's#.*/##' $JOBS | tr '\n' ' ')" >&2; exit 2; }; done > $JOBS.only; mv $JOBS.only $JOBS
+if [ -n "${ONLY:-}" ]; then  # those runs, in that order
+  for o in $ONLY; do grep -- "--out $RUNS/$o\$" $JOBS || { echo "ONLY: no run named '$o'; names are \
+$(sed "s#.*--out $RUNS/##" $JOBS | tr '\n' ' ')" >&2; exit 2; }; done > $JOBS.only; mv $JOBS.only $JOBS
 fi
 if [ "$WHAT" = long ]; then  # a run with a config.json from an earlier call continues from its checkpoint
   while read -r line; do o=${line##*--out }
@@ -66,7 +71,7 @@ if [ "$WHAT" = long ]; then  # a run with a config.json from an earlier call con
 fi
 if [ "$P" = auto ]; then
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  P=$(( MEM / 14336 )); [ $P -gt $PMAX ] && P=$PMAX; [ $P -lt 1 ] && P=1
+  P=$(( MEM / (GIB * 1024) )); [ $P -gt $PMAX ] && P=$PMAX; [ $P -lt 1 ] && P=1
 fi
 echo "$WHAT: data ready after $(( $(date +%s) - T0 )) s; $(wc -l < $JOBS) jobs, $P processes, $STEPS steps, amp $AMP" > $R/plan.txt
 E=${EVAL:-$(( STEPS / 8 > 0 ? STEPS / 8 : 1 ))}
@@ -75,7 +80,7 @@ COMMON+=" --update-steps 0,25,100 --update-every 200 --steps $STEPS --log-every 
 (nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > $R/gpu_use.txt 2>&1) & SMI=$!
 # one log per job (appended to by every call), named after its output directory; the queue runs in a session of
 # its own, whose process group is stopped as one at the deadline
-mkdir -p $RUNS; [ "$WHAT" = sweep ] && mkdir -p $R/bucket $R/bits $R/clip
+mkdir -p $RUNS; [ "$WHAT" = sweep ] && mkdir -p $RUNS/bucket $RUNS/bits $RUNS/clip
 setsid xargs -P $P -I{} sh -c 'o=$(echo "{}" | sed "s/.*--out //"); python -u -m alq_torch.train $0 {} >> $o.log 2>&1' "$COMMON" < $JOBS &
 Q=$!; STOP=$(( BUDGET - 20 ))
 while kill -0 $Q 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt $STOP ]; do sleep 2; done
@@ -85,9 +90,9 @@ echo "total $(( $(date +%s) - T0 )) s; peak GPU memory (MiB, util) $(sort -n $R/
 table() { local out=$1; shift; local ds=(); for d in "$@"; do ls $d/runs/*.json > /dev/null 2>&1 && ds+=($d); done
   if [ ${#ds[@]} -gt 0 ]; then python benchmarks/cifar_table.py $out "${ds[@]}" "${TABLE_ARGS[@]}"; else echo "$out: no finished runs"; fi; }
 if [ "$WHAT" = sweep ]; then
-  TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket $R/bucket/* > $R/table.txt 2>&1
-  TABLE_ARGS=(--group-by bits); table $R/sweep_bits $R/bits/* $R/bucket/d8192 >> $R/table.txt 2>&1
-  TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket_clip $R/clip/* >> $R/table.txt 2>&1
+  TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket $RUNS/bucket/*/ > $R/table.txt 2>&1
+  TABLE_ARGS=(--group-by bits); table $R/sweep_bits $RUNS/bits/*/ $RUNS/bucket/d8192-*/ >> $R/table.txt 2>&1
+  TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket_clip $RUNS/clip/*/ >> $R/table.txt 2>&1
 else
   TABLE_ARGS=(--paper rebuttal-k16 --title "ResNet-32, CIFAR-10 (JPEG tree), 3 bits, bucket 16384, K=16, $STEPS steps")
   table $R/cifar10_resnet32_k16 $RUNS/* > $R/table.txt 2>&1

@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parts += [f"{s.get('bits')} bits"] if "bits" not in grouped else []
     parts += [f"bucket {s.get('bucket_size')}"] if "bucket_size" not in grouped else []
     parts += [f"K={s.get('workers')}", f"batch {s.get('batch_size')}/worker", f"{runs[0]['steps']} steps"]
-    about = ", ".join([*parts, f"device {runs[0].get('_device')}"])
+    # a run stopped before its results.json names no device; the others do
+    devices = sorted({str(r["_device"]) for r in runs if r.get("_device")}) or ["unknown"]
+    about = ", ".join([*parts, f"device {'/'.join(devices)}"])
     out.with_suffix(".md").write_text(f"{args.title}\n\n{about}\n\n{md}\n" if args.title else f"{about}\n\n{md}\n")
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows, "spearman": corr}, indent=1))
     plot(runs, rows, out.with_suffix(".png"), args.group_by)
