@@ -122,6 +122,6 @@ PY
   tar czf /tmp/summary.$$.tgz -C $R --exclude='*.tgz' . && find $R -mindepth 1 ! -name '*.tgz' -delete
   mv /tmp/summary.$$.tgz $R/summary.tgz; exit 0
 else
-  rm -rf $R/*/*/checkpoints
+  rm -rf $RUNS/*/checkpoints $RUNS/*/*/checkpoints  # the table's runs and the sweep's GROUP/runs
 fi
 cat $R/plan.txt $R/table.txt
