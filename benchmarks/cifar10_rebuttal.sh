@@ -21,9 +21,9 @@
 #        OUT/summary.tgz. With more runs than PARALLEL, the later ones start as the earlier ones finish.
 # DATA: data/cifar10-images.npz (benchmarks/pack_cifar10.py) or a CIFAR-10 directory. PARALLEL processes run at
 # once ('auto', the default: as many as GPU memory holds at 14 GiB per ResNet-32 process at K = 16 x 128 (12.2 GiB
-# measured, 64 GiB peak for five), at most 9; for the sweep 6 GiB per ResNet-8 process, at most 12). Measured on one H100 in fp32: five ResNet-32
-# processes at K = 16 x 128 take 0.40-0.45 s per step each, plus ~15 s to start and ~1 s per evaluation; budget
-# STEPS from that. Processes still running at BUDGET_S (default 575) are stopped; a stopped comparison keeps its
+# measured, 64 GiB peak for five), at most 9; for the sweep 6 GiB per ResNet-8 process (an estimate), at most 12).
+# Measured on one H100 in fp32: five ResNet-32 processes at K = 16 x 128 take 0.40-0.45 s per step each, plus ~15 s
+# to start and ~1 s per evaluation; budget STEPS from that. Processes still running at BUDGET_S (default 575) are stopped; a stopped comparison keeps its
 # finished runs (runs/*.json), which benchmarks/cifar_table.py reads. ONLY="fp32-s0 alq-s0 ..." keeps those table
 # runs, in that order. Writes OUT/*.md|json|png and OUT/plan.txt (timings, GPU memory).
 set -u
@@ -91,7 +91,8 @@ table() { local out=$1; shift; local ds=(); for d in "$@"; do ls $d/runs/*.json 
   if [ ${#ds[@]} -gt 0 ]; then python benchmarks/cifar_table.py $out "${ds[@]}" "${TABLE_ARGS[@]}"; else echo "$out: no finished runs"; fi; }
 if [ "$WHAT" = sweep ]; then
   TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket $RUNS/bucket/*/ > $R/table.txt 2>&1
-  TABLE_ARGS=(--group-by bits); table $R/sweep_bits $RUNS/bits/*/ $RUNS/bucket/d8192-*/ >> $R/table.txt 2>&1
+  B3=(); for m in fp32 $M; do B3+=($RUNS/bucket/d8192-$m); done  # the 3-bit column: not TernGrad, ALQ-N, AMQ-N
+  TABLE_ARGS=(--group-by bits); table $R/sweep_bits $RUNS/bits/*/ "${B3[@]}" >> $R/table.txt 2>&1
   TABLE_ARGS=(--group-by bucket_size); table $R/sweep_bucket_clip $RUNS/clip/*/ >> $R/table.txt 2>&1
 else
   TABLE_ARGS=(--paper rebuttal-k16 --title "ResNet-32, CIFAR-10 (JPEG tree), 3 bits, bucket 16384, K=16, $STEPS steps")
